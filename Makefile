@@ -1,0 +1,37 @@
+# diffusiond: make serve | demo | test | proto | bench
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of PyTorch; set TORCH_SPEC for another (e.g. a CUDA build on a GPU machine).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HOST ?= 127.0.0.1
+PORT ?= 50051
+ARGS ?=
+
+.PHONY: install serve demo test proto bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+serve: install
+	$(VENV)/bin/diffusiond serve --host $(HOST) --port $(PORT) $(ARGS)
+
+demo: install
+	$(VENV)/bin/diffusiond generate "a red fox in the snow" --stream --server $(HOST):$(PORT) -o fox.png $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+proto: install
+	$(PY) -m diffusiond.api.codegen
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -1,0 +1,255 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_WEBP: _ClassVar[ImageFormat]
+
+class PreviewKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREVIEW_KIND_UNSPECIFIED: _ClassVar[PreviewKind]
+    PREVIEW_KIND_LATENT: _ClassVar[PreviewKind]
+    PREVIEW_KIND_APPROX_RGB: _ClassVar[PreviewKind]
+    PREVIEW_KIND_FULL: _ClassVar[PreviewKind]
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_FLOAT16: _ClassVar[DataType]
+    DATA_TYPE_BFLOAT16: _ClassVar[DataType]
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat
+IMAGE_FORMAT_PNG: ImageFormat
+IMAGE_FORMAT_JPEG: ImageFormat
+IMAGE_FORMAT_WEBP: ImageFormat
+PREVIEW_KIND_UNSPECIFIED: PreviewKind
+PREVIEW_KIND_LATENT: PreviewKind
+PREVIEW_KIND_APPROX_RGB: PreviewKind
+PREVIEW_KIND_FULL: PreviewKind
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_FLOAT32: DataType
+DATA_TYPE_FLOAT16: DataType
+DATA_TYPE_BFLOAT16: DataType
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DataType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PreviewOptions(_message.Message):
+    __slots__ = ("kind", "every_n_steps", "max_size")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EVERY_N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    kind: PreviewKind
+    every_n_steps: int
+    max_size: int
+    def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., every_n_steps: _Optional[int] = ..., max_size: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str
+    output_format: ImageFormat
+    quality: int
+    preview: PreviewOptions
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type", "width", "height", "seed", "index")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    seed: int
+    index: int
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_s", "text_encode_s", "denoise_s", "decode_s", "total_s")
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODE_S_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    queue_s: float
+    text_encode_s: float
+    denoise_s: float
+    decode_s: float
+    total_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., text_encode_s: _Optional[float] = ..., denoise_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("request_id", "images", "seed", "model", "backend", "scheduler", "steps", "guidance_scale", "timings", "warnings")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    seed: int
+    model: str
+    backend: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    timings: Timings
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProgressEvent(_message.Message):
+    __slots__ = ("request_id", "queued", "started", "step", "result")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    queued: Queued
+    started: Started
+    step: Step
+    result: GenerateResponse
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class Queued(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
+
+class Started(_message.Message):
+    __slots__ = ("model", "backend", "total_steps", "seed", "width", "height", "scheduler")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    backend: str
+    total_steps: int
+    seed: int
+    width: int
+    height: int
+    scheduler: str
+    def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., scheduler: _Optional[str] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("step", "total_steps", "timestep", "elapsed_s", "eta_s", "previews", "latents")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    timestep: float
+    elapsed_s: float
+    eta_s: float
+    previews: _containers.RepeatedCompositeFieldContainer[Image]
+    latents: Tensor
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SCALING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    backend: str
+    source: str
+    device: str
+    dtype: str
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance_scale: float
+    default_scheduler: str
+    schedulers: _containers.RepeatedScalarFieldContainer[str]
+    min_size: int
+    max_size: int
+    size_multiple: int
+    max_steps: int
+    max_images: int
+    latent_channels: int
+    latent_scaling_factor: float
+    is_default: bool
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

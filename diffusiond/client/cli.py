@@ -1,0 +1,179 @@
+"""``diffusiond generate`` and ``diffusiond models``: the command-line client.
+
+Needs only the client dependencies. Errors from the server or the network are
+printed as one line naming the status and the reason, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from diffusiond.api.v1 import diffusion_pb2 as pb
+from diffusiond.client.client import FORMATS, PREVIEWS, ClientError, DiffusionClient, GeneratedImage, build_request
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("--negative", default="", help="negative prompt: what to steer away from")
+    parser.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of image 0; image i uses seed + i")
+    parser.add_argument("--width", type=int, default=0, help="pixels (default: the model's native size)")
+    parser.add_argument("--height", type=int, default=0, help="pixels (default: the model's native size)")
+    parser.add_argument("--scheduler", default="", help="e.g. euler_a, dpmpp_2m_karras, ddim (see `diffusiond models`)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--format", default="png", choices=sorted(FORMATS), help="output image format")
+    parser.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1-100")
+    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
+    parser.add_argument("--out", "-o", default="image.png", help="output file; several images get -0, -1, ... suffixes")
+    parser.add_argument("--stream", action="store_true", help="show progress and ETA while the image forms")
+    parser.add_argument("--preview-dir", default=None, help="with --stream: save preview images here")
+    parser.add_argument("--preview", default="approx_rgb", choices=[k for k in PREVIEWS if k != "none"],
+                        help="preview kind saved with --preview-dir")
+    parser.add_argument("--preview-every", type=int, default=1, help="a preview every N steps")
+    add_connection_arguments(parser)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=DEFAULT_SERVER, help=f"host:port (default {DEFAULT_SERVER})")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before the call is abandoned")
+
+
+def output_paths(out: Path, images: list[GeneratedImage]) -> list[Path]:
+    """``out`` for one image, ``stem-i.ext`` for several; the extension follows the format."""
+    paths = []
+    for image in images:
+        ext = EXTENSIONS.get(image.mime_type, out.suffix or ".img")
+        stem = out.stem if len(images) == 1 else f"{out.stem}-{image.index}"
+        paths.append(out.with_name(stem + ext))
+    return paths
+
+
+class ProgressBar:
+    def __init__(self, stream=None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+
+    def update(self, step: int, total: int, eta_s: float) -> None:
+        filled = int(self.width * step / max(total, 1))
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {step}/{total} ETA {eta_s:5.1f}s")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        self.stream.write(f"\r{text}\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _save_previews(step: pb.Step, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for image in step.previews:
+        ext = EXTENSIONS.get(image.mime_type, ".img")
+        (directory / f"step{step.step:04d}-{image.index}{ext}").write_bytes(image.data)
+    if step.HasField("latents"):
+        (directory / f"step{step.step:04d}-latents.bin").write_bytes(step.latents.data)
+
+
+def _stream(client: DiffusionClient, request: pb.GenerateRequest, args: argparse.Namespace) -> pb.GenerateResponse:
+    bar = ProgressBar()
+    response = None
+    for event in client.stream_request(request, timeout=args.timeout):
+        kind = event.WhichOneof("event")
+        if kind == "queued":
+            bar.note(f"queued at position {event.queued.position}")
+        elif kind == "started":
+            bar.note(f"started on {event.started.model} ({event.started.backend}), seed {event.started.seed}")
+        elif kind == "step":
+            bar.update(event.step.step, event.step.total_steps, event.step.eta_s)
+            if args.preview_dir:
+                _save_previews(event.step, Path(args.preview_dir))
+        elif kind == "result":
+            response = event.result
+    bar.done()
+    if response is None:
+        raise ClientError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
+    return response
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    try:
+        request = build_request(
+            args.prompt,
+            negative_prompt=args.negative,
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            num_images=args.num_images,
+            scheduler=args.scheduler,
+            output_format=args.format,
+            quality=args.quality,
+            model=args.model,
+            preview=args.preview if (args.stream and args.preview_dir) else "none",
+            preview_every=args.preview_every,
+        )
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    started = time.perf_counter()
+    try:
+        with DiffusionClient(args.server) as client:
+            if args.stream:
+                response = _stream(client, request, args)
+            else:
+                response = client.generate_request(request, timeout=args.timeout).response
+    except ClientError as exc:
+        return _fail(_explain(exc, args.server), 1)
+    images = [GeneratedImage.from_proto(i) for i in response.images]
+    for image, path in zip(images, output_paths(Path(args.out), images)):
+        image.save(path)
+        sys.stdout.write(f"{path}  seed={image.seed} {image.width}x{image.height}\n")
+    for warning in response.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    sys.stderr.write(
+        f"{len(images)} image(s) in {time.perf_counter() - started:.2f}s "
+        f"({response.model}, {response.backend}, {response.scheduler}, {response.steps} steps)\n"
+    )
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    try:
+        with DiffusionClient(args.server) as client:
+            models = client.list_models(timeout=args.timeout)
+    except ClientError as exc:
+        return _fail(_explain(exc, args.server), 1)
+    for m in models:
+        mark = " (default)" if m.is_default else ""
+        sys.stdout.write(
+            f"{m.name}{mark}: {m.backend} on {m.device} ({m.dtype}), source {m.source}\n"
+            f"  size {m.default_width}x{m.default_height} (from {m.min_size} to {m.max_size}, "
+            f"multiples of {m.size_multiple}), {m.default_steps} steps, guidance {m.default_guidance_scale:g}\n"
+            f"  schedulers: {', '.join(m.schedulers)} (default {m.default_scheduler})\n"
+        )
+    return 0
+
+
+def _explain(exc: ClientError, server: str) -> str:
+    if exc.code is grpc.StatusCode.UNAVAILABLE and ("connect" in exc.details.lower() or "failed" in exc.details.lower()):
+        return f"cannot reach a diffusiond server at {server} ({exc.details}); is `diffusiond serve` running?"
+    if exc.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the server at {server} did not finish before the timeout ({exc.details})"
+    return f"{exc.code.name}: {exc.details}"
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return code

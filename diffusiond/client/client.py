@@ -1,0 +1,287 @@
+"""Sync and asyncio clients over the generated gRPC stubs."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from diffusiond.api.v1 import diffusion_pb2 as pb
+from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
+
+Metadata = Sequence[tuple[str, str]]
+
+FORMATS = {
+    "png": pb.IMAGE_FORMAT_PNG,
+    "jpeg": pb.IMAGE_FORMAT_JPEG,
+    "jpg": pb.IMAGE_FORMAT_JPEG,
+    "webp": pb.IMAGE_FORMAT_WEBP,
+}
+PREVIEWS = {
+    "none": pb.PREVIEW_KIND_UNSPECIFIED,
+    "latent": pb.PREVIEW_KIND_LATENT,
+    "approx_rgb": pb.PREVIEW_KIND_APPROX_RGB,
+    "full": pb.PREVIEW_KIND_FULL,
+}
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class ClientError(Exception):
+    """A failed call: ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code, details or "")
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    seed: int
+    index: int
+
+    @classmethod
+    def from_proto(cls, image: pb.Image) -> GeneratedImage:
+        return cls(image.data, image.mime_type, image.width, image.height, image.seed, image.index)
+
+    def to_pil(self):
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.data))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_bytes(self.data)
+        return path
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: list[GeneratedImage]
+    seed: int
+    response: pb.GenerateResponse
+
+    @classmethod
+    def from_proto(cls, response: pb.GenerateResponse) -> GenerateResult:
+        return cls([GeneratedImage.from_proto(i) for i in response.images], response.seed, response)
+
+
+def build_request(
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    width: int = 0,
+    height: int = 0,
+    steps: int = 0,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    scheduler: str = "",
+    output_format: str = "png",
+    quality: int = 0,
+    model: str = "",
+    request_id: str = "",
+    preview: str = "none",
+    preview_every: int = 0,
+    preview_max_size: int = 0,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default"."""
+    if output_format.lower() not in FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    if preview.lower() not in PREVIEWS:
+        raise ValueError(f"preview must be one of {', '.join(PREVIEWS)}, got {preview!r}")
+    request = pb.GenerateRequest(
+        request_id=request_id,
+        model=model,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        num_images=num_images,
+        scheduler=scheduler,
+        output_format=FORMATS[output_format.lower()],
+        quality=quality,
+        preview=pb.PreviewOptions(
+            kind=PREVIEWS[preview.lower()], every_n_steps=preview_every, max_size=preview_max_size
+        ),
+    )
+    if guidance_scale is not None:
+        request.guidance_scale = guidance_scale
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class ProgressStream:
+    """Iterate over a StreamProgress call's events; ``cancel()`` stops the server's work too."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[pb.ProgressEvent]:
+        try:
+            yield from self._call
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class DiffusionClient:
+    """Blocking client. Use as a context manager, or call ``close()``."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        compression: grpc.Compression | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = _channel_options(max_message_bytes)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(address, credentials, options=options, compression=compression)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options, compression=compression)
+        self._stub = pb_grpc.DiffusionStub(self._channel)
+        self.timeout = timeout
+        self.metadata = list(metadata or [])
+
+    def __enter__(self) -> DiffusionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call_args(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": [*self.metadata, *(metadata or [])]}
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the channel connects (not until models are loaded: see the health service)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ClientError(grpc.StatusCode.UNAVAILABLE, f"no server answered within {timeout:g}s") from None
+
+    def generate_request(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> GenerateResult:
+        try:
+            return GenerateResult.from_proto(self._stub.Generate(request, **self._call_args(timeout, metadata)))
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+
+    def generate(
+        self, prompt: str, *, timeout: float | None = None, metadata: Metadata | None = None, **fields: Any
+    ) -> GenerateResult:
+        """Generate images; ``fields`` are ``build_request``'s keyword arguments."""
+        return self.generate_request(build_request(prompt, **fields), timeout=timeout, metadata=metadata)
+
+    def stream_request(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> ProgressStream:
+        return ProgressStream(self._stub.StreamProgress(request, **self._call_args(timeout, metadata)))
+
+    def stream(
+        self, prompt: str, *, timeout: float | None = None, metadata: Metadata | None = None, **fields: Any
+    ) -> ProgressStream:
+        """Progress events (queued, started, steps with previews, result) for one request."""
+        return self.stream_request(build_request(prompt, **fields), timeout=timeout, metadata=metadata)
+
+    def list_models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[pb.ModelInfo]:
+        try:
+            return list(self._stub.ListModels(pb.ListModelsRequest(), **self._call_args(timeout, metadata)).models)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+
+
+class AsyncDiffusionClient:
+    """asyncio client. Use with ``async with``, or call ``await close()``."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        compression: grpc.Compression | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = _channel_options(max_message_bytes)
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options, compression=compression)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options, compression=compression)
+        self._stub = pb_grpc.DiffusionStub(self._channel)
+        self.timeout = timeout
+        self.metadata = list(metadata or [])
+
+    async def __aenter__(self) -> AsyncDiffusionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _call_args(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {"timeout": timeout if timeout is not None else self.timeout, "metadata": [*self.metadata, *(metadata or [])]}
+
+    async def generate(
+        self, prompt: str, *, timeout: float | None = None, metadata: Metadata | None = None, **fields: Any
+    ) -> GenerateResult:
+        try:
+            response = await self._stub.Generate(build_request(prompt, **fields), **self._call_args(timeout, metadata))
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        return GenerateResult.from_proto(response)
+
+    async def stream(
+        self, prompt: str, *, timeout: float | None = None, metadata: Metadata | None = None, **fields: Any
+    ) -> AsyncIterator[pb.ProgressEvent]:
+        """Progress events; leaving the ``async for`` early cancels the call and the server's work."""
+        call = self._stub.StreamProgress(build_request(prompt, **fields), **self._call_args(timeout, metadata))
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[pb.ModelInfo]:
+        try:
+            response = await self._stub.ListModels(pb.ListModelsRequest(), **self._call_args(timeout, metadata))
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error) from None
+        return list(response.models)

@@ -1,0 +1,60 @@
+"""The exceptions diffusiond raises for conditions a client or operator can cause.
+
+Each class corresponds to one gRPC status code; the single mapping from class to
+code lives in ``diffusiond.server.status``. Code that detects a problem raises
+one of these with a message that names the field or thing at fault; it never
+chooses a status code itself. Any other exception reaching the servicer is a bug
+and becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+
+class DiffusiondError(Exception):
+    """Base class: a failure with a message meant for the client."""
+
+
+class InvalidArgument(DiffusiondError):
+    """A request field is malformed or out of range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(DiffusiondError):
+    """A named model, scheduler, adapter or file does not exist."""
+
+
+class ResourceExhausted(DiffusiondError):
+    """The queue is full, or the work does not fit in memory."""
+
+
+class FailedPrecondition(DiffusiondError):
+    """The request is valid, but this model or machine cannot serve it
+    (e.g. an engine built for another GPU, a shape outside its profile)."""
+
+
+class Unavailable(DiffusiondError):
+    """The server is loading or draining; retrying later may succeed."""
+
+
+class Cancelled(DiffusiondError):
+    """The client cancelled the call."""
+
+
+class DeadlineExceeded(DiffusiondError):
+    """The call's deadline passed before its work finished."""
+
+
+class MissingDependency(DiffusiondError):
+    """An optional dependency (onnxruntime, tensorrt, CUDA...) is not installed.
+
+    Raised instead of a bare ImportError so the operator is told which extra to
+    install.
+    """
+
+    def __init__(self, package: str, needed_for: str, extra: str | None = None) -> None:
+        hint = f" (pip install 'diffusiond[{extra}]')" if extra else ""
+        super().__init__(f"{needed_for} needs the '{package}' package, which is not installed{hint}")
+        self.package = package

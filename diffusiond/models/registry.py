@@ -1,0 +1,96 @@
+"""Loading models into ready pipelines, and finding them by name."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusiond.backends.base import Backend, BackendSettings
+from diffusiond.backends.registry import create_backend
+from diffusiond.errors import FailedPrecondition, NotFound
+from diffusiond.models.config import ModelConfig, load_model_config
+from diffusiond.pipeline.limits import ModelLimits
+from diffusiond.pipeline.schedulers import SchedulerFactory
+from diffusiond.pipeline.text import PromptEncoder
+from diffusiond.pipeline.text2img import Text2ImagePipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: str
+    config: ModelConfig
+    backend: Backend
+    pipeline: Text2ImagePipeline
+    limits: ModelLimits
+
+    @property
+    def schedulers(self) -> SchedulerFactory:
+        return self.pipeline.schedulers
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import CLIPTokenizer
+
+    path = model_dir / "tokenizer"
+    if not path.is_dir():
+        raise FailedPrecondition(f"{model_dir} has no tokenizer/ directory")
+    return CLIPTokenizer.from_pretrained(path)
+
+
+def load_model(
+    name: str,
+    model_dir: Path,
+    backend_name: str = "torch",
+    settings: BackendSettings | None = None,
+    max_size: int = 2048,
+    prompt_cache_size: int = 256,
+) -> LoadedModel:
+    """Load a model directory onto a backend and wrap it in the shared pipeline."""
+    config = load_model_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    backend = create_backend(backend_name, model_dir, settings or BackendSettings())
+    prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
+    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config)
+    limits = ModelLimits.for_model(config, max_size=max_size)
+    log.info(
+        "loaded model %s from %s on %s (%s, %s); native size %d, default scheduler %s",
+        name, model_dir, backend.name, backend.device, backend.dtype_name,
+        config.default_size, pipeline.schedulers.default_name,
+    )
+    return LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
+
+
+class ModelRegistry:
+    """The models a server has loaded; the first one added is the default."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        self.default_name: str | None = None
+
+    def add(self, model: LoadedModel) -> None:
+        if model.name in self._models:
+            raise FailedPrecondition(f"a model named {model.name!r} is already loaded")
+        self._models[model.name] = model
+        if self.default_name is None:
+            self.default_name = model.name
+
+    def get(self, name: str) -> LoadedModel:
+        if not name:
+            if self.default_name is None:
+                raise NotFound("no model is loaded")
+            return self._models[self.default_name]
+        try:
+            return self._models[name]
+        except KeyError:
+            raise NotFound(f"model {name!r} is not loaded; loaded models: {', '.join(self._models)}") from None
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def close(self) -> None:
+        for model in self._models.values():
+            model.backend.close()

@@ -1,0 +1,38 @@
+"""Per-model request limits and defaults: what ListModels advertises and validation enforces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusiond.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    default_width: int
+    default_height: int
+    size_multiple: int
+    min_size: int
+    max_size: int
+    default_steps: int = 30
+    max_steps: int = 200
+    max_images: int = 8
+    default_guidance_scale: float = 7.5
+    max_guidance_scale: float = 30.0
+    max_prompt_chars: int = 4096
+    max_preview_size: int = 4096
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, max_size: int = 2048, size_multiple: int | None = None,
+                  **overrides: object) -> ModelLimits:
+        """Defaults from the model's configs: native size from the UNet sample size times the VAE factor."""
+        multiple = size_multiple or config.vae_scale_factor
+        native = config.default_size
+        return cls(
+            default_width=native,
+            default_height=native,
+            size_multiple=multiple,
+            min_size=multiple * 8,
+            max_size=max(max_size, native),
+            **overrides,  # type: ignore[arg-type]
+        )

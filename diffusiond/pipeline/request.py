@@ -1,0 +1,120 @@
+"""The validated request the pipeline runs, and what it hands back.
+
+These are plain dataclasses, free of protobuf, so the pipeline can be driven
+from the gRPC servicer, a benchmark or a test alike.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SEED_MODULUS = 2**64
+
+
+class PreviewKind(enum.Enum):
+    NONE = "none"
+    LATENT = "latent"
+    APPROX_RGB = "approx_rgb"
+    FULL = "full"
+
+
+class ImageFormat(enum.Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def mime_type(self) -> str:
+        return f"image/{self.value}"
+
+
+@dataclass(frozen=True)
+class PreviewSpec:
+    kind: PreviewKind = PreviewKind.NONE
+    every_n_steps: int = 1
+    max_size: int = 0  # 0: the image's own size
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether 1-based ``step`` of ``total`` carries a preview (the last one always does)."""
+        if self.kind is PreviewKind.NONE:
+            return False
+        return step == total or step % max(self.every_n_steps, 1) == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request whose every field has been validated against its model's limits."""
+
+    request_id: str
+    model: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str
+    output_format: ImageFormat = ImageFormat.PNG
+    quality: int = 90
+    preview: PreviewSpec = field(default_factory=PreviewSpec)
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance runs only for scales above 1 (as in diffusers)."""
+        return self.guidance_scale > 1.0
+
+    def image_seeds(self) -> list[int]:
+        """Image i uses seed + i (mod 2^64): it can be reproduced alone with that seed."""
+        return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]
+
+    def batch_key(self) -> tuple[str, int, int, int, str]:
+        """Requests with equal keys share timesteps and latent shape, so they can share UNet batches."""
+        return (self.model, self.width, self.height, self.steps, self.scheduler)
+
+
+@dataclass
+class Timings:
+    queue_s: float = 0.0
+    text_encode_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    """Float RGB images in [0, 1], shape [num_images, height, width, 3]."""
+
+    request: GenerationRequest
+    images: np.ndarray
+    seeds: list[int]
+    timings: Timings
+    warnings: list[str] = field(default_factory=list)
+
+    def images_uint8(self) -> np.ndarray:
+        """The same rounding diffusers uses when it makes PIL images."""
+        return (self.images * 255).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One finished denoising step, and its preview if one was due."""
+
+    step: int  # 1-based
+    total_steps: int
+    timestep: float
+    elapsed_s: float
+    eta_s: float
+    preview_kind: PreviewKind = PreviewKind.NONE
+    # LATENT: [num_images, C, h, w] float32. APPROX_RGB / FULL: [num_images, H, W, 3] uint8.
+    preview: np.ndarray | None = None

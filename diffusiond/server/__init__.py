@@ -1,0 +1,1 @@
+"""The gRPC service: servicer, request engine, status mapping, process lifecycle."""

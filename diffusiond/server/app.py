@@ -1,0 +1,170 @@
+"""Assembling and running the server: gRPC, health, reflection, models, engine, shutdown.
+
+The server starts listening before its models are loaded, with health
+NOT_SERVING and Generate answering UNAVAILABLE, so orchestrators can tell
+"starting" from "dead". Once every model is loaded and warmed up, health turns
+SERVING. ``stop`` drains: NOT_SERVING, new calls refused with UNAVAILABLE,
+accepted requests finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from diffusiond.api.v1 import diffusion_pb2 as pb
+from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
+from diffusiond.backends.base import BackendSettings
+from diffusiond.models.registry import LoadedModel, ModelRegistry, load_model
+from diffusiond.models.sources import ModelSource, resolve_model_dir
+from diffusiond.pipeline.request import GenerationRequest
+from diffusiond.server.engine import Engine, EngineSettings
+from diffusiond.server.servicer import DiffusionServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models: list[ModelSource] = field(default_factory=lambda: [ModelSource.parse("builtin")])
+    backend: str = "torch"
+    backend_settings: BackendSettings = field(default_factory=BackendSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    max_size: int = 2048
+    grace_period_s: float = 30.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    warmup: bool = True
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One short generation, so the first client does not pay for lazy initialisation."""
+    started = time.perf_counter()
+    request = GenerationRequest(
+        request_id="warmup",
+        model=model.name,
+        prompt="warm up",
+        negative_prompt="",
+        width=model.limits.default_width,
+        height=model.limits.default_height,
+        steps=1,
+        guidance_scale=model.limits.default_guidance_scale,
+        seed=0,
+        num_images=1,
+        scheduler=model.schedulers.default_name,
+    )
+    model.pipeline.generate(request)
+    log.info("warmed up %s in %.2fs", model.name, time.perf_counter() - started)
+
+
+class DiffusionServer:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry()
+        self.engine = Engine(settings.engine)
+        self.servicer = DiffusionServicer(self.registry, self.engine)
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Bind and serve (health NOT_SERVING until ``load`` finishes); return the bound port."""
+        options = [
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_DiffusionServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server, self.port = server, port
+        log.info("listening on %s:%d", self.settings.host, port)
+        return port
+
+    async def load(self) -> None:
+        """Load and warm up every model off the event loop, start the engine, turn health SERVING."""
+        await asyncio.to_thread(self._load_models)
+        self.engine.start()
+        self.servicer.ready = True
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", ", ".join(m.name for m in self.registry))
+
+    def _load_models(self) -> None:
+        for source in self.settings.models:
+            model = load_model(
+                source.name,
+                resolve_model_dir(source.location),
+                backend_name=self.settings.backend,
+                settings=self.settings.backend_settings,
+                max_size=self.settings.max_size,
+            )
+            if self.settings.warmup:
+                warm_up(model)
+            self.registry.add(model)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new work, let accepted requests finish within ``grace`` seconds, then stop."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        log.info("shutting down (grace period %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        self.engine.stop_accepting()
+        finished = await asyncio.to_thread(self.engine.wait_idle, grace)
+        if not finished:
+            log.warning("grace period over with requests unfinished; they fail with UNAVAILABLE")
+        if self._server is not None:
+            await self._server.stop(1.0 if finished else 0)
+        await asyncio.to_thread(self.engine.shutdown)
+        self.registry.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+class ServerThread:
+    """Runs a DiffusionServer on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.server = DiffusionServer(settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="diffusiond-server", daemon=True)
+
+    def start(self, timeout: float = 300.0) -> int:
+        self._thread.start()
+        port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout)
+        asyncio.run_coroutine_threadsafe(self.server.load(), self._loop).result(timeout)
+        return port
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.settings.host}:{self.server.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(grace + 60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+

@@ -1,0 +1,43 @@
+"""`diffusiond generate` and `diffusiond models` against a real server."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from diffusiond.cli import main
+
+
+def test_generate_writes_the_image(server, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    code = main(["generate", "a red fox in the snow", "-o", str(out), "--seed", "3", "--steps", "3", "--server", server.address])
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    assert "seed=3" in capsys.readouterr().out
+
+
+def test_stream_saves_previews_and_numbered_images(server, tmp_path, capsys):
+    out = tmp_path / "img.jpg"
+    previews = tmp_path / "previews"
+    code = main([
+        "generate", "a cat", "--stream", "--preview-dir", str(previews), "--num-images", "2", "--steps", "4",
+        "--scheduler", "ddim", "--format", "jpeg", "-o", str(out), "--server", server.address,
+    ])
+    assert code == 0
+    assert (tmp_path / "img-0.jpg").is_file() and (tmp_path / "img-1.jpg").is_file()
+    assert sorted(p.name for p in previews.iterdir())[:2] == ["step0001-0.jpg", "step0001-1.jpg"]
+    assert len(list(previews.iterdir())) == 8
+    err = capsys.readouterr().err
+    assert "4/4" in err and "ETA" in err
+
+
+def test_server_error_is_one_line(server, tmp_path, capsys):
+    code = main(["generate", "a cat", "--width", "65", "-o", str(tmp_path / "x.png"), "--server", server.address])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: INVALID_ARGUMENT: width: must be a multiple of 8 (the model's latent factor) between 64 and 2048, got 65"
+
+
+def test_models_command(server, capsys):
+    assert main(["models", "--server", server.address]) == 0
+    out = capsys.readouterr().out
+    assert "builtin (default): torch on cpu (fp32)" in out and "euler_a" in out
