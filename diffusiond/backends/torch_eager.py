@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from diffusiond.backends import cpu_features
 from diffusiond.backends.base import DTYPES, BackendSettings
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 
@@ -44,8 +45,13 @@ class TorchEagerBackend:
         self._device = resolve_device(settings.device)
         self._dtype_name = settings.dtype
         dtype = DTYPES[settings.dtype]
-        if dtype is torch.float16 and self._device.type == "cpu":
-            log.warning("fp16 on the CPU is slow and not accurate; bf16 is the fast CPU precision")
+        if self._device.type == "cpu" and dtype is torch.float16:
+            log.warning("fp16 on the CPU is slow; use fp32, or bf16 where the CPU has AVX512-BF16 or AMX")
+        if self._device.type == "cpu" and dtype is torch.bfloat16 and not cpu_features.has_native_bf16():
+            log.warning(
+                "bf16 on this CPU (%s) has no native support (AVX512-BF16 or AMX) and runs many times "
+                "slower than fp32; use --dtype fp32 here", cpu_features.describe()
+            )
         for sub in ("unet", "vae", "text_encoder"):
             if not (model_dir / sub).is_dir():
                 raise FailedPrecondition(f"{model_dir} has no {sub}/ directory: not a diffusers-format model")
