@@ -66,7 +66,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         request_id = request.request_id or "-"
         try:
             with _errors_to_status("Generate", request_id):
-                request_id = request_id_of(request)
+                request_id = request_id_of(request, context.invocation_metadata() or ())
                 handle = self._accept(request, request_id, context, stream=False)
                 try:
                     result = await handle.outcome
@@ -83,7 +83,7 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
         request_id = request.request_id or "-"
         try:
             with _errors_to_status("StreamProgress", request_id):
-                request_id = request_id_of(request)
+                request_id = request_id_of(request, context.invocation_metadata() or ())
                 handle = self._accept(request, request_id, context, stream=True)
                 try:
                     async for event in self._progress_events(handle):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import secrets
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.errors import FailedPrecondition, InvalidArgument
@@ -46,13 +48,20 @@ def require_size(field: str, value: int, low: int, high: int, multiple: int) -> 
         )
 
 
-def request_id_of(msg: pb.GenerateRequest) -> str:
-    """The client's request id, or a fresh one; checked first so every error can carry it."""
-    rid = msg.request_id
+REQUEST_ID_METADATA_KEY = "x-request-id"
+
+
+def request_id_of(msg: pb.GenerateRequest, metadata: Sequence[tuple[str, Any]] = ()) -> str:
+    """The request's id: the field, else the ``x-request-id`` call metadata (as tracing
+    proxies set it), else a fresh one. Checked first so every error can carry it."""
+    field, rid = "request_id", msg.request_id
+    if not rid:
+        field = f"metadata {REQUEST_ID_METADATA_KEY}"
+        rid = next((str(v) for k, v in metadata if k == REQUEST_ID_METADATA_KEY), "")
     if not rid:
         return uuid.uuid4().hex
     if len(rid) > MAX_REQUEST_ID_CHARS or not rid.isprintable():
-        raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+        raise InvalidArgument(field, f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
     return rid
 
 
