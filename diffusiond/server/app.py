@@ -77,7 +77,8 @@ class ServerSettings:
     def send_limit_bytes(self) -> int:
         if self.max_send_message_bytes is not None:
             return self.max_send_message_bytes
-        return transport.largest_response_bytes(self.max_size, ModelLimits.max_images)
+        side = max(self.max_size, transport.LARGEST_NATIVE_SIZE)
+        return transport.largest_response_bytes(side, ModelLimits.max_images)
 
 
 def warm_up(model: LoadedModel) -> None:
@@ -205,11 +206,16 @@ class ServerThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="diffusiond-server", daemon=True)
 
-    def start(self, timeout: float = 300.0) -> int:
+    def start(self, timeout: float = 300.0, load: bool = True) -> int:
+        """Bind and serve; with ``load`` also load the models (else call ``load`` later)."""
         self._thread.start()
         port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout)
-        asyncio.run_coroutine_threadsafe(self.server.load(), self._loop).result(timeout)
+        if load:
+            self.load(timeout)
         return port
+
+    def load(self, timeout: float = 300.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.load(), self._loop).result(timeout)
 
     @property
     def address(self) -> str:

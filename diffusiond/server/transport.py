@@ -15,7 +15,8 @@ So the send limit defaults to
 
     max_images * (max_size^2 * 3 * 1.01 + 64 KiB) + 1 MiB
 
-which is 98 MiB for the defaults (8 images of 2048 x 2048). The receive limit
+with max_size at least 1024 (models whose native size exceeds ``--max-size``
+still produce it), which is 98 MiB for the defaults (8 images of 2048 x 2048). The receive limit
 defaults to gRPC's own 4 MiB: a request is at most about 40 KiB.
 """
 
@@ -41,8 +42,7 @@ LARGEST_NATIVE_SIZE = 1024
 
 def largest_response_bytes(max_size: int, max_images: int) -> int:
     """An upper bound on the bytes of any message the server sends (see the module docstring)."""
-    side = max(max_size, LARGEST_NATIVE_SIZE)
-    per_image = math.ceil(side * side * 3 * PNG_OVERHEAD) + PER_IMAGE_OVERHEAD_BYTES
+    per_image = math.ceil(max_size * max_size * 3 * PNG_OVERHEAD) + PER_IMAGE_OVERHEAD_BYTES
     return max_images * per_image + PER_MESSAGE_OVERHEAD_BYTES
 
 
