@@ -9,7 +9,9 @@ UNet call, can hold a call, and injects out-of-memory errors.
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -251,3 +253,57 @@ def test_result_cache_answers_seeded_repeats(bclient, faulty):
     assert not other_format.response.from_cache  # a different request: a different key
     unseeded = [bclient.generate("cache me", steps=2, num_images=BATCH_IMAGES) for _ in range(2)]
     assert not any(r.response.from_cache for r in unseeded)
+
+
+def scrape(batch_server) -> dict[tuple[str, frozenset], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{batch_server.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_endpoint_counts_what_happened(bclient, batch_server, faulty):
+    def delta(name, **labels):
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    before = scrape(batch_server)
+    fields = dict(steps=3, scheduler="ddim", num_images=BATCH_IMAGES, seed=321)
+    bclient.generate("metrics", **fields)
+    bclient.generate("metrics", **fields)  # a result-cache hit
+    with pytest.raises(ClientError):
+        bclient.generate("", **fields)
+    after = scrape(batch_server)
+
+    assert delta("diffusiond_requests_total", method="Generate", code="OK") == 2
+    assert delta("diffusiond_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert delta("diffusiond_request_duration_seconds_count", method="Generate") == 3
+    assert delta("diffusiond_queue_wait_seconds_count", model="builtin") == 1
+    assert delta("diffusiond_inference_seconds_count", model="builtin") == 1
+    assert delta("diffusiond_batch_size_count", model="builtin") == 1
+    assert delta("diffusiond_batch_images_sum", model="builtin") == BATCH_IMAGES
+    assert delta("diffusiond_denoising_steps_total", model="builtin") == 3 * BATCH_IMAGES
+    assert after[("diffusiond_denoising_steps_per_second", frozenset({("model", "builtin")}))] > 0
+    assert delta("diffusiond_cache_hits_total", cache="result", model="builtin") == 1
+    assert delta("diffusiond_cache_misses_total", cache="result", model="builtin") == 1
+    # "metrics" and "" were looked up once each: new prompts miss, the negative prompt "" hits.
+    assert delta("diffusiond_cache_misses_total", cache="prompt", model="builtin") == 1
+    assert delta("diffusiond_cache_hits_total", cache="prompt", model="builtin") == 1
+    assert after[("diffusiond_queue_depth", frozenset())] == 0
+    assert after[("diffusiond_serving", frozenset())] == 1
+    assert after[("diffusiond_result_cache_bytes", frozenset())] > 0
+
+
+def test_every_exported_metric_is_documented(batch_server):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    names = {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+             for name, _ in scrape(batch_server) if not name.endswith("_created")}
+    undocumented = sorted(n for n in names if f"`{n}`" not in readme)
+    assert not undocumented, f"README.md does not document {undocumented}"

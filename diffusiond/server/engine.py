@@ -178,6 +178,7 @@ class RequestHandle:
         self._cancelled.set()
 
     def wait_cancelled(self, timeout: float) -> bool:
+        """Wait until the request was told to stop (cancelled, or aborted by shutdown)."""
         return self._cancelled.wait(timeout)
 
     # -- called from the worker thread (JobObserver) ----------------------------
@@ -194,6 +195,7 @@ class RequestHandle:
     def abort(self, reason: BaseException) -> None:
         """End the request at its next step with ``reason`` (shutdown past the grace period)."""
         self._abort = reason
+        self._cancelled.set()
 
     def on_started(self, info: StartInfo) -> None:
         # A batch retried smaller after running out of memory starts again; the client hears it once.
