@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser(
         "create-model", help="write an SD-architecture model with seeded random weights (for speed work)"
     )
-    create.add_argument("--preset", default="sd15-half", choices=["tiny", "sd15-half", "sd15"])
+    create.add_argument("--preset", default="sd15-half", choices=["tiny", "small", "sd15-half", "sd15"])
     create.add_argument("--out", required=True, help="directory to write the diffusers-format model into")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--force", action="store_true")
