@@ -142,6 +142,24 @@ def drive(address: str, concurrency: int, total: int, first_index: int, fields: 
     return wall, latencies
 
 
+def paired_latencies(addresses: dict[str, str], total: int, first_index: int, fields: dict) -> dict[str, list[float]]:
+    """One client, requests sent to each server in turn: load drift hits both sides of every pair alike."""
+    latencies: dict[str, list[float]] = {mode: [] for mode in addresses}
+    clients = {mode: DiffusionClient(address, timeout=3600) for mode, address in addresses.items()}
+    try:
+        for i in range(total):
+            order = list(addresses) if i % 2 == 0 else list(addresses)[::-1]
+            for mode in order:
+                started = time.perf_counter()
+                clients[mode].generate(f"benchmark prompt number {first_index + i}, a red fox in the snow",
+                                       seed=first_index + i, **fields)
+                latencies[mode].append(time.perf_counter() - started)
+    finally:
+        for c in clients.values():
+            c.close()
+    return latencies
+
+
 def ensure_model(path: Path, preset: str) -> Path:
     if not (path / "model_index.json").is_file():
         print(f"creating the {preset} model in {path}", file=sys.stderr)
@@ -181,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many measured requests")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--scheduler", default="ddim")
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-batch-delay-ms", type=float, default=50.0)
     parser.add_argument("--threads", type=int, default=2, help="server inference threads")
     parser.add_argument("--rounds", type=int, default=2, help="measurement rounds, alternating the order (ABBA)")
+    parser.add_argument("--paired-requests", type=int, default=16,
+                        help="requests per server for the paired latency check at concurrency 1")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -232,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                         prev.batches += batches
                         prev.batched_requests += batched
                     print(f"  c={c:<3} batching {mode:<3} round {round_ + 1}: {total / wall:6.2f} images/s", file=sys.stderr)
+        paired: dict[str, list[float]] = {}
+        if 1 in concurrencies:
+            addresses = {mode: servers[mode][1] for mode in ("off", "on")}
+            paired = paired_latencies(addresses, args.paired_requests, index, fields)
     finally:
         for proc, *_ in servers.values():
             proc.send_signal(signal.SIGTERM)
@@ -259,6 +283,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {c} | {mode} | {m.requests} | {m.images_per_s:.2f} | {m.percentile(50):.2f} | "
                 f"{m.percentile(99):.2f} | {m.mean_batch:.1f} |"
             )
+    if paired:
+        lines += [
+            "",
+            f"Paired latency at concurrency 1 ({args.paired_requests} requests to each server, alternating):",
+            "",
+            "| batching | p50 s | mean s |",
+            "|---|---|---|",
+        ]
+        for mode in ("off", "on"):
+            lines.append(f"| {mode} | {statistics.median(paired[mode]):.3f} | {statistics.fmean(paired[mode]):.3f} |")
+        added = [on - off for on, off in zip(paired["on"], paired["off"])]
+        lines.append("")
+        lines.append(
+            f"- concurrency 1, paired: batching adds {statistics.median(added):+.3f} s to the median request "
+            f"(median of per-pair differences; batch delay {args.max_batch_delay_ms / 1000:.3f} s)"
+        )
     lines.append("")
     for c in concurrencies:
         off, on = results[("off", c)], results[("on", c)]
@@ -272,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine_before": before, "machine_after": after, "args": {k: str(v) for k, v in vars(args).items()},
             "results": [{**asdict(m), "images_per_s": m.images_per_s, "p50_s": m.percentile(50),
                          "p99_s": m.percentile(99), "mean_batch": m.mean_batch} for m in results.values()],
+            "paired_c1_latencies_s": paired,
         }, indent=2))
     return 0
 
