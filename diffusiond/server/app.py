@@ -26,8 +26,8 @@ from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
 from diffusiond.backends.base import BackendSettings
 from diffusiond.models.registry import LoadedModel, ModelRegistry, load_model
 from diffusiond.models.sources import ModelSource, resolve_model_dir
-from diffusiond.pipeline.request import GenerationRequest
 from diffusiond.pipeline.limits import ModelLimits
+from diffusiond.pipeline.request import GenerationRequest
 from diffusiond.server import transport
 from diffusiond.server.engine import Engine, EngineSettings
 from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetrics

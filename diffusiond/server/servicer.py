@@ -177,8 +177,9 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
             await context.abort(abort.code, abort.message)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        models = [convert.model_info(m, m.name == self.registry.default_name) for m in self.registry]
-        return pb.ListModelsResponse(models=models)
+        async with self.calls.track("ListModels", context):
+            models = [convert.model_info(m, m.name == self.registry.default_name) for m in self.registry]
+            return pb.ListModelsResponse(models=models)
 
     # -- helpers ----------------------------------------------------------------------
 
