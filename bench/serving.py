@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many measured requests")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--scheduler", default="ddim")
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=50.0)
     parser.add_argument("--threads", type=int, default=2, help="server inference threads")
     parser.add_argument("--rounds", type=int, default=2, help="measurement rounds, alternating the order (ABBA)")

@@ -6,9 +6,9 @@ Four presets:
 - ``small``: the serving benchmark's model (``bench/serving.py``): SD 1.5's
   block structure with 1/5 of its UNet channels and one layer per block,
   128x128 native images (16x16 latents), a 4-layer text encoder and a small
-  VAE. About 24M UNet parameters: a step costs tens of milliseconds per image
-  on a 2-core CPU, so it is dominated by convolution and attention arithmetic
-  like a real model, not by per-call overhead like ``tiny``.
+  VAE. About 24M UNet parameters: a UNet row costs about 0.1 s on a 2-core
+  CPU, dominated by convolution and attention arithmetic like a real model,
+  not by per-call overhead like ``tiny``.
 - ``sd15-half``: SD 1.5 with half the UNet and VAE channels and the real CLIP
   ViT-L text encoder; a CPU-sized stand-in for speed work.
 - ``sd15``: the real SD 1.5 configs (860M-parameter UNet): the real model's
