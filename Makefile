@@ -1,4 +1,4 @@
-# diffusiond: make serve | demo | test | proto | bench
+# diffusiond: make serve | demo | test | proto | bench-serving
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install serve demo test proto bench clean
+.PHONY: install serve demo test proto bench bench-serving clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+bench-serving: install
+	$(PY) bench/serving.py $(ARGS)
 
 proto: install
 	$(PY) -m diffusiond.api.codegen

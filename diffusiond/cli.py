@@ -15,6 +15,7 @@ import sys
 from diffusiond.client.cli import add_connection_arguments, add_generate_arguments, run_generate, run_models
 
 log = logging.getLogger("diffusiond")
+MIB = 1024 * 1024
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +30,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="network precision; bf16 is fast only on CPUs with AVX512-BF16/AMX")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting before RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-batch-size", type=int, default=1, help="requests per UNet batch")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting before new ones get RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-batch-size", type=int, default=1,
+                        help="most images per UNet batch; compatible requests share one (1: no batching)")
     parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
-                        help="how long a batch waits for compatible requests")
+                        help="how long the oldest queued request waits for compatible company")
     parser.add_argument("--max-size", type=int, default=2048, help="largest width/height accepted, in pixels")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds accepted requests get to finish on shutdown")
+    parser.add_argument("--prompt-cache-size", type=int, default=256,
+                        help="prompt encodings kept per model (LRU; 0: none)")
+    parser.add_argument("--result-cache-mb", type=float, default=0.0,
+                        help="MiB of finished images kept for repeated seeded requests (LRU; 0: off)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
+    parser.add_argument("--metrics-host", default=None, help="address for --metrics-port (default: --host)")
+    parser.add_argument("--compression", default="none", choices=["none", "gzip"],
+                        help="compression of responses (requests may be gzip-compressed either way)")
+    parser.add_argument("--max-send-message-mb", type=float, default=None,
+                        help="largest message sent, in MiB (default: enough for max-images images "
+                        "of max-size, 98 MiB for the defaults)")
+    parser.add_argument("--max-receive-message-mb", type=float, default=4.0,
+                        help="largest request accepted, in MiB")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -67,7 +84,18 @@ def run_serve(args: argparse.Namespace) -> int:
             max_size=args.max_size,
             grace_period_s=args.grace_period,
             warmup=not args.no_warmup,
+            prompt_cache_size=args.prompt_cache_size,
+            result_cache_bytes=int(args.result_cache_mb * MIB),
+            metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port or None,
+            compression=args.compression,
+            max_send_message_bytes=None if args.max_send_message_mb is None else int(args.max_send_message_mb * MIB),
+            max_receive_message_bytes=int(args.max_receive_message_mb * MIB),
         )
+    except (ValueError, DiffusiondError) as exc:  # a flag out of range
+        log.error("cannot serve: %s", exc)
+        return 2
+    try:
         return asyncio.run(_serve(settings))
     except DiffusiondError as exc:
         log.error("cannot serve: %s", exc)
@@ -134,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser(
         "create-model", help="write an SD-architecture model with seeded random weights (for speed work)"
     )
-    create.add_argument("--preset", default="sd15-half", choices=["tiny", "sd15-half", "sd15"])
+    create.add_argument("--preset", default="sd15-half", choices=["tiny", "small", "sd15-half", "sd15"])
     create.add_argument("--out", required=True, help="directory to write the diffusers-format model into")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--force", action="store_true")

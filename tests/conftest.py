@@ -38,6 +38,47 @@ class CountingBackend:
         return getattr(self.inner, name)
 
 
+class FaultyBackend:
+    """Wraps a backend: records each network call's batch rows, can hold a UNet call, and can
+    raise out-of-memory errors the way PyTorch does on a GPU (``torch.OutOfMemoryError``)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.unet_rows: list[int] = []  # rows of every UNet call that ran
+        self.decode_rows: list[int] = []  # images of every VAE decode that ran
+        self.ooms = 0  # injected out-of-memory errors
+        self.before_unet: Callable[[torch.Tensor], None] | None = None
+        self.unet_oom: Callable[[torch.Tensor], bool] | None = None  # sample -> raise?
+        self.decode_oom: Callable[[torch.Tensor], bool] | None = None  # latents -> raise?
+
+    def reset(self) -> None:
+        self.unet_rows.clear()
+        self.decode_rows.clear()
+        self.ooms = 0
+        self.before_unet = self.unet_oom = self.decode_oom = None
+
+    def _oom(self, what: str) -> torch.OutOfMemoryError:
+        self.ooms += 1
+        return torch.OutOfMemoryError(f"CUDA out of memory in {what} (injected by the test)")
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        if self.before_unet is not None:
+            self.before_unet(sample)
+        if self.unet_oom is not None and self.unet_oom(sample):
+            raise self._oom("unet")
+        self.unet_rows.append(sample.shape[0])
+        return self.inner.unet(sample, timestep, encoder_hidden_states)
+
+    def vae_decode(self, latents):
+        if self.decode_oom is not None and self.decode_oom(latents):
+            raise self._oom("vae_decode")
+        self.decode_rows.append(latents.shape[0])
+        return self.inner.vae_decode(latents)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 @pytest.fixture(scope="session")
 def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_builtin_model(tmp_path_factory.mktemp("cache"))

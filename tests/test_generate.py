@@ -5,27 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from images import assert_same_image, pixels
 from PIL import Image
 
 from diffusiond.client import build_request
 
-
 # Image i of a request and the same image made alone (seed + i, num_images=1) share
-# all their noise, but run in UNet batches of different sizes, whose CPU kernels
-# round differently: a few 8-bit levels at most, far from a different picture.
-ALONE_VS_BATCH_MAX_LEVELS = 6
-ALONE_VS_BATCH_MIN_PSNR_DB = 38.0
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def assert_same_image(a: bytes, b: bytes) -> None:
-    x, y = pixels(a).astype(float), pixels(b).astype(float)
-    assert np.abs(x - y).max() <= ALONE_VS_BATCH_MAX_LEVELS
-    mse = ((x - y) ** 2).mean()
-    assert mse == 0 or 10 * np.log10(255**2 / mse) >= ALONE_VS_BATCH_MIN_PSNR_DB
+# all their noise, but run in UNet batches of different sizes: see images.py.
 
 
 def test_same_seed_same_png_bytes(client):

@@ -45,6 +45,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"host:port (default {DEFAULT_SERVER})")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the call is abandoned")
+    parser.add_argument("--gzip", action="store_true", help="gzip-compress requests (the server answers in kind "
+                        "when started with --compression gzip)")
+
+
+def _compression(args: argparse.Namespace) -> grpc.Compression | None:
+    return grpc.Compression.Gzip if getattr(args, "gzip", False) else None
 
 
 def output_paths(out: Path, images: list[GeneratedImage]) -> list[Path]:
@@ -129,7 +135,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     started = time.perf_counter()
     try:
-        with DiffusionClient(args.server) as client:
+        with DiffusionClient(args.server, compression=_compression(args)) as client:
             if args.stream:
                 response = _stream(client, request, args)
             else:
@@ -151,7 +157,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_models(args: argparse.Namespace) -> int:
     try:
-        with DiffusionClient(args.server) as client:
+        with DiffusionClient(args.server, compression=_compression(args)) as client:
             models = client.list_models(timeout=args.timeout)
     except ClientError as exc:
         return _fail(_explain(exc, args.server), 1)

@@ -1,8 +1,14 @@
 """Stable-Diffusion-architecture models with seeded random weights, written in diffusers layout.
 
-Three presets:
+Four presets:
 
 - ``tiny``: the built-in model; runs a step in milliseconds on a CPU (tests, demos).
+- ``small``: the serving benchmark's model (``bench/serving.py``): SD 1.5's
+  block structure with 1/5 of its UNet channels and one layer per block,
+  128x128 native images (16x16 latents), a 4-layer text encoder and a small
+  VAE. About 24M UNet parameters: a UNet row costs about 0.1 s on a 2-core
+  CPU, dominated by convolution and attention arithmetic like a real model,
+  not by per-call overhead like ``tiny``.
 - ``sd15-half``: SD 1.5 with half the UNet and VAE channels and the real CLIP
   ViT-L text encoder; a CPU-sized stand-in for speed work.
 - ``sd15``: the real SD 1.5 configs (860M-parameter UNet): the real model's
@@ -102,6 +108,18 @@ PRESETS: dict[str, SDArchitecture] = {
         vae={**_SD15_VAE, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "sample_size": 64},
         text={**_CLIP_L, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "projection_dim": 32},
+    ),
+    "small": SDArchitecture(
+        unet={
+            **_SD15_UNET,
+            "sample_size": 16,
+            "block_out_channels": (64, 128, 256, 256),
+            "layers_per_block": 1,
+            "cross_attention_dim": 256,
+        },
+        vae={**_SD15_VAE, "block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "sample_size": 128},
+        text={**_CLIP_L, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "projection_dim": 256},
     ),
     "sd15-half": SDArchitecture(
         unet={**_SD15_UNET, "block_out_channels": (160, 320, 640, 640)},

@@ -105,3 +105,9 @@ class SchedulerFactory:
 
     def create(self, name: str) -> Any:
         return copy.deepcopy(self._templates[self.resolve(name)])
+
+    def total_steps(self, name: str, steps: int) -> int:
+        """UNet evaluations per image for ``steps`` (PNDM runs one more than asked)."""
+        scheduler = self.create(name)
+        scheduler.set_timesteps(steps)
+        return len(scheduler.timesteps)

@@ -35,6 +35,11 @@ class PromptEncoder:
         self.hits = 0
         self.misses = 0
 
+    @property
+    def cache_entries(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
     def tokenize(self, text: str) -> tuple[torch.Tensor, int]:
         ids = self._tokenizer(
             text, padding="max_length", max_length=self._max_length, truncation=True, return_tensors="pt"

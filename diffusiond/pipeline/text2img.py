@@ -8,7 +8,11 @@ rounding), generalised to run several requests in one UNet batch:
   (one per image, seeded seed + i), so its noise, and ancestral schedulers'
   per-step noise, do not depend on what else is in the batch;
 - every request has its own guidance scale, prompt and negative prompt;
-- requests can leave the batch at any step (cancellation, deadline).
+- requests can leave the batch at any step (cancellation, deadline);
+- a network call that runs out of device memory is retried in smaller pieces
+  (the UNet batch split in halves, a decode image by image) without losing
+  the steps already done; a request that does not fit even alone ends with
+  ``ResourceExhausted`` and the others go on.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import numpy as np
 import torch
 
 from diffusiond.backends.base import Backend
+from diffusiond.errors import ResourceExhausted
 from diffusiond.models.config import ModelConfig
 from diffusiond.pipeline import previews
+from diffusiond.pipeline.memory import is_out_of_memory, release_cached_memory
 from diffusiond.pipeline.request import (
     GenerationRequest,
     GenerationResult,
@@ -61,6 +67,34 @@ class NullObserver:
 
     def on_step(self, info: StepInfo) -> None:
         pass
+
+
+class BatchObserver(Protocol):
+    """Batch-wide hooks (metrics); called from the pipeline's thread, must not block."""
+
+    def on_denoise_step(self, requests: int, images: int, seconds: float) -> None:
+        """One denoising step of ``requests`` requests holding ``images`` images took ``seconds`` of UNet time."""
+        ...
+
+    def on_out_of_memory(self, network: str, rows: int) -> None:
+        """A call of ``network`` with ``rows`` batch rows ran out of memory and is retried smaller."""
+        ...
+
+
+class NullBatchObserver:
+    def on_denoise_step(self, requests: int, images: int, seconds: float) -> None:
+        pass
+
+    def on_out_of_memory(self, network: str, rows: int) -> None:
+        pass
+
+
+@dataclass
+class _BatchRun:
+    """What one ``run`` learns as it goes: the UNet batch that fits, and whom to tell."""
+
+    observer: BatchObserver
+    unet_rows: int | None = None  # most rows per UNet call; None: no limit found yet
 
 
 @dataclass
@@ -106,23 +140,44 @@ class Text2ImagePipeline:
             raise outcome
         return outcome
 
-    def run(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]:
+    def run(
+        self, jobs: Sequence[Job], observer: BatchObserver | None = None
+    ) -> list[GenerationResult | BaseException]:
         """Run compatible requests (equal ``batch_key``) together; one outcome per job, in order.
 
-        A request stopped by its observer gets its stop reason as outcome; a
-        failure of the backend itself propagates to the caller, which owns
-        retry policy (e.g. splitting a batch that ran out of memory).
+        A request stopped by its observer gets its stop reason as outcome, one
+        that does not fit in memory even alone gets ``ResourceExhausted``; any
+        other failure of the backend propagates to the caller.
         """
         if not jobs:
             return []
         keys = {job.request.batch_key() for job in jobs}
         if len(keys) != 1:
             raise ValueError(f"jobs in one batch must share model, size, steps and scheduler; got {keys}")
-        states = [self._prepare(job) for job in jobs]
-        self._denoise(states)
-        return [self._finish(state) for state in states]
+        run = _BatchRun(observer or NullBatchObserver())
+        prepared = [self._prepare_or_fail(job) for job in jobs]
+        states = [p for p in prepared if isinstance(p, _Running)]
+        self._denoise(states, run)
+        return [p if isinstance(p, BaseException) else self._finish(p, run) for p in prepared]
 
     # -- stages -------------------------------------------------------------
+
+    def _prepare_or_fail(self, job: Job) -> _Running | BaseException:
+        try:
+            return self._prepare(job)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            release_cached_memory(self.backend.device)
+            return self._does_not_fit(job.request, "encoding its prompts")
+
+    def _does_not_fit(self, request: GenerationRequest, what: str) -> ResourceExhausted:
+        log.warning("req=%s: %s ran out of memory even alone", request.request_id, what)
+        return ResourceExhausted(
+            f"request {request.request_id} does not fit in {self.backend.device} memory: {what} ran out of "
+            f"memory even alone ({request.num_images} image(s) of {request.width}x{request.height}); "
+            "try fewer images or a smaller size"
+        )
 
     def _prepare(self, job: Job) -> _Running:
         request = job.request
@@ -172,7 +227,9 @@ class Text2ImagePipeline:
             )
         return encoding.hidden_states
 
-    def _denoise(self, states: list[_Running]) -> None:
+    def _denoise(self, states: list[_Running], run: _BatchRun) -> None:
+        if not states:
+            return
         timesteps = states[0].scheduler.timesteps
         total = len(timesteps)
         for state in states:
@@ -183,18 +240,29 @@ class Text2ImagePipeline:
             active = self._still_running(active)
             if not active:
                 break
-            noise_pred = self._unet_batch(active, t)
-            offset = 0
-            for state in active:
+            unet_start = time.perf_counter()
+            outputs = self._unet_batch(active, t, run)
+            run.observer.on_denoise_step(
+                len(active), sum(s.request.num_images for s in active), time.perf_counter() - unet_start
+            )
+            for state, rows in zip(active, outputs):
+                if rows is None:
+                    state.error = self._does_not_fit(state.request, "a UNet batch holding only this request")
+                    continue
                 k = state.request.num_images
                 if state.uncond is not None:
-                    uncond, cond = noise_pred[offset : offset + k], noise_pred[offset + k : offset + 2 * k]
-                    offset += 2 * k
+                    uncond, cond = rows[:k], rows[k:]
                     eps = uncond + state.request.guidance_scale * (cond - uncond)
                 else:
-                    eps = noise_pred[offset : offset + k]
-                    offset += k
-                self._step(state, i, total, t, eps, loop_start)
+                    eps = rows
+                try:
+                    self._step(state, i, total, t, eps, loop_start, run)
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    release_cached_memory(self.backend.device)
+                    state.error = self._does_not_fit(state.request, "its denoising step or preview")
+            active = [state for state in active if state.error is None]
         denoise_s = time.perf_counter() - loop_start
         for state in states:
             state.timings.denoise_s = denoise_s
@@ -204,10 +272,13 @@ class Text2ImagePipeline:
             state.error = state.job.observer.stop_reason()
         return [state for state in active if state.error is None]
 
-    def _unet_batch(self, active: list[_Running], t: torch.Tensor) -> torch.Tensor:
+    def _unet_batch(self, active: list[_Running], t: torch.Tensor, run: _BatchRun) -> list[torch.Tensor | None]:
+        """The UNet output rows of each active request (uncond rows first), None for one that did not fit."""
         samples: list[torch.Tensor] = []
         contexts: list[torch.Tensor] = []
+        spans: list[tuple[int, int]] = []
         for state in active:
+            start = sum(x.shape[0] for x in samples)
             state.model_input = state.scheduler.scale_model_input(state.latents, t)
             if state.uncond is not None:
                 samples += [state.model_input, state.model_input]
@@ -215,12 +286,89 @@ class Text2ImagePipeline:
             else:
                 samples.append(state.model_input)
                 contexts.append(state.cond)
+            spans.append((start, sum(x.shape[0] for x in samples)))
         sample = torch.cat(samples)
+        context = torch.cat(contexts)
         timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
-        return self.backend.unet(sample, timestep, torch.cat(contexts))
+        if run.unet_rows is None:
+            try:
+                out = self.backend.unet(sample, timestep, context)
+                return [out[a:b] for a, b in spans]
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                release_cached_memory(self.backend.device)
+                self._shrink(run, sample.shape[0])
+        return self._unet_in_pieces(sample, timestep, context, spans, run)
+
+    def _shrink(self, run: _BatchRun, rows: int) -> None:
+        run.unet_rows = max(1, (rows + 1) // 2)
+        run.observer.on_out_of_memory("unet", rows)
+        log.warning("a UNet batch of %d rows ran out of memory; retrying %d rows at a time", rows, run.unet_rows)
+
+    def _unet_in_pieces(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        spans: list[tuple[int, int]],
+        run: _BatchRun,
+    ) -> list[torch.Tensor | None]:
+        """Run the UNet at most ``run.unet_rows`` rows at a time, halving on out-of-memory.
+
+        Each row's output depends only on its own inputs (up to kernel rounding),
+        so pieces give the same images; a request whose rows fail one at a time
+        does not fit at all.
+        """
+        n = sample.shape[0]
+        rows: list[torch.Tensor | None] = [None] * n
+        owner = [index for index, (a, b) in enumerate(spans) for _ in range(a, b)]
+        failed: set[int] = set()
+        start = 0
+        while start < n:
+            if owner[start] in failed:
+                start += 1
+                continue
+            size = min(run.unet_rows or n, n - start)
+            end = start + size
+            try:
+                out = self.backend.unet(sample[start:end], timestep[start:end], context[start:end])
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                release_cached_memory(self.backend.device)
+                if size == 1:
+                    failed.add(owner[start])
+                    start += 1
+                else:
+                    self._shrink(run, size)
+                continue
+            for j in range(size):
+                rows[start + j] = out[j : j + 1]
+            start = end
+        outputs: list[torch.Tensor | None] = []
+        for index, (a, b) in enumerate(spans):
+            pieces = rows[a:b]
+            if index in failed or any(p is None for p in pieces):
+                outputs.append(None)
+            else:
+                outputs.append(torch.cat(pieces))  # type: ignore[arg-type]
+        return outputs
+
+    def _decode(self, latents: torch.Tensor, run: _BatchRun) -> torch.Tensor:
+        """VAE decode; out of memory with several images -> one image at a time (raises if one alone fails)."""
+        try:
+            return self.backend.vae_decode(latents)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or latents.shape[0] == 1:
+                raise
+            release_cached_memory(self.backend.device)
+            run.observer.on_out_of_memory("vae_decode", latents.shape[0])
+            return torch.cat([self.backend.vae_decode(latents[i : i + 1]) for i in range(latents.shape[0])])
 
     def _step(
-        self, state: _Running, i: int, total: int, t: torch.Tensor, eps: torch.Tensor, loop_start: float
+        self, state: _Running, i: int, total: int, t: torch.Tensor, eps: torch.Tensor, loop_start: float,
+        run: _BatchRun,
     ) -> None:
         request = state.request
         step = i + 1
@@ -239,7 +387,7 @@ class Text2ImagePipeline:
             elif request.preview.kind is PreviewKind.APPROX_RGB:
                 preview = previews.approx_rgb(clean)
             elif request.preview.kind is PreviewKind.FULL:
-                preview = previews.to_uint8_images(self.backend.vae_decode(clean / self.config.scaling_factor))
+                preview = previews.to_uint8_images(self._decode(clean / self.config.scaling_factor, run))
         elapsed = time.perf_counter() - loop_start
         state.job.observer.on_step(
             StepInfo(
@@ -253,13 +401,19 @@ class Text2ImagePipeline:
             )
         )
 
-    def _finish(self, state: _Running) -> GenerationResult | BaseException:
+    def _finish(self, state: _Running, run: _BatchRun) -> GenerationResult | BaseException:
         if state.error is None:
             state.error = state.job.observer.stop_reason()  # no decode for a client that has gone
         if state.error is not None:
             return state.error
         started = time.perf_counter()
-        decoded = self.backend.vae_decode(state.latents / self.config.scaling_factor)
+        try:
+            decoded = self._decode(state.latents / self.config.scaling_factor, run)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            release_cached_memory(self.backend.device)
+            return self._does_not_fit(state.request, "decoding one of its images")
         images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         state.timings.decode_s = time.perf_counter() - started
         state.timings.total_s = state.timings.text_encode_s + state.timings.denoise_s + state.timings.decode_s

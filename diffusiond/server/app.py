@@ -1,10 +1,11 @@
-"""Assembling and running the server: gRPC, health, reflection, models, engine, shutdown.
+"""Assembling and running the server: gRPC, health, reflection, models, engine, metrics, shutdown.
 
 The server starts listening before its models are loaded, with health
 NOT_SERVING and Generate answering UNAVAILABLE, so orchestrators can tell
 "starting" from "dead". Once every model is loaded and warmed up, health turns
 SERVING. ``stop`` drains: NOT_SERVING, new calls refused with UNAVAILABLE,
-accepted requests finish within the grace period.
+accepted requests (queued and running) finish and their answers are sent
+within the grace period; what is left then ends with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
 from diffusiond.backends.base import BackendSettings
 from diffusiond.models.registry import LoadedModel, ModelRegistry, load_model
 from diffusiond.models.sources import ModelSource, resolve_model_dir
+from diffusiond.pipeline.limits import ModelLimits
 from diffusiond.pipeline.request import GenerationRequest
+from diffusiond.server import transport
 from diffusiond.server.engine import Engine, EngineSettings
+from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetrics
+from diffusiond.server.result_cache import ResultCache
 from diffusiond.server.servicer import DiffusionServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# After the grace period, how long aborted requests get to send their UNAVAILABLE.
+ABORT_GRACE_S = 2.0
 
 
 @dataclass
@@ -45,8 +51,34 @@ class ServerSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     max_size: int = 2048
     grace_period_s: float = 30.0
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # None: transport.largest_response_bytes(max_size, max_images), enough for any answer.
+    max_send_message_bytes: int | None = None
+    max_receive_message_bytes: int = transport.DEFAULT_MAX_RECEIVE_BYTES
+    compression: str = "none"  # default compression of responses: none or gzip
     warmup: bool = True
+    prompt_cache_size: int = 256  # prompt encodings kept per model
+    result_cache_bytes: int = 0  # 0: no result cache
+    metrics_host: str | None = None  # None: the gRPC host
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+
+    def __post_init__(self) -> None:
+        transport.compression_named(self.compression)  # raises ValueError naming the choices
+        for name in ("prompt_cache_size", "result_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("max_send_message_bytes", "max_receive_message_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1024:
+                raise ValueError(f"{name} must be at least 1024 bytes, got {value}")
+        if self.grace_period_s < 0:
+            raise ValueError(f"grace_period_s must not be negative, got {self.grace_period_s}")
+
+    @property
+    def send_limit_bytes(self) -> int:
+        if self.max_send_message_bytes is not None:
+            return self.max_send_message_bytes
+        side = max(self.max_size, transport.LARGEST_NATIVE_SIZE)
+        return transport.largest_response_bytes(side, ModelLimits.max_images)
 
 
 def warm_up(model: LoadedModel) -> None:
@@ -73,19 +105,29 @@ class DiffusionServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.registry = ModelRegistry()
-        self.engine = Engine(settings.engine)
-        self.servicer = DiffusionServicer(self.registry, self.engine)
+        self.metrics = ServerMetrics()
+        self.engine = Engine(settings.engine, self.metrics)
+        self.result_cache = ResultCache(settings.result_cache_bytes) if settings.result_cache_bytes > 0 else None
+        self.servicer = DiffusionServicer(self.registry, self.engine, self.metrics, self.result_cache)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self.metrics.watch_engine(lambda: self.engine.queue_depth, lambda: len(self.engine.running))
+        self.metrics.add_collector(
+            CacheCollector(lambda: [(m.name, m.pipeline.prompts) for m in self.registry], self.result_cache)
+        )
+        self.metrics.add_collector(GpuCollector(self._cuda_devices))
+
+    def _cuda_devices(self) -> list[int]:
+        devices = {m.backend.device for m in self.registry if m.backend.device.type == "cuda"}
+        return sorted(d.index if d.index is not None else 0 for d in devices)
 
     async def start(self) -> int:
         """Bind and serve (health NOT_SERVING until ``load`` finishes); return the bound port."""
-        options = [
-            ("grpc.max_send_message_length", self.settings.max_message_bytes),
-            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
-        ]
-        server = grpc.aio.server(options=options)
+        settings = self.settings
+        options = transport.server_options(settings.send_limit_bytes, settings.max_receive_message_bytes)
+        server = grpc.aio.server(options=options, compression=transport.compression_named(settings.compression))
         pb_grpc.add_DiffusionServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -101,6 +143,8 @@ class DiffusionServer:
         await server.start()
         self._server, self.port = server, port
         log.info("listening on %s:%d", self.settings.host, port)
+        if settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
         return port
 
     async def load(self) -> None:
@@ -110,6 +154,7 @@ class DiffusionServer:
         self.servicer.ready = True
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.serving.set(1)
         log.info("serving %s", ", ".join(m.name for m in self.registry))
 
     def _load_models(self) -> None:
@@ -120,6 +165,7 @@ class DiffusionServer:
                 backend_name=self.settings.backend,
                 settings=self.settings.backend_settings,
                 max_size=self.settings.max_size,
+                prompt_cache_size=self.settings.prompt_cache_size,
             )
             if self.settings.warmup:
                 warm_up(model)
@@ -128,16 +174,23 @@ class DiffusionServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new work, let accepted requests finish within ``grace`` seconds, then stop."""
         grace = self.settings.grace_period_s if grace is None else grace
-        log.info("shutting down (grace period %.1fs)", grace)
+        log.info("shutting down: health NOT_SERVING, new calls refused, grace period %.1fs", grace)
+        self.metrics.serving.set(0)
         await self.health.enter_graceful_shutdown()
+        self.servicer.draining = True
         self.engine.stop_accepting()
-        finished = await asyncio.to_thread(self.engine.wait_idle, grace)
+        # Every accepted request has been answered once no RPC is in flight (queued, running, or sending).
+        finished = await self.servicer.calls.wait_idle(grace)
         if not finished:
-            log.warning("grace period over with requests unfinished; they fail with UNAVAILABLE")
+            log.warning("grace period over with %d calls unfinished; they end with UNAVAILABLE",
+                        self.servicer.calls.active)
+            self.engine.abort("the server shut down before it finished")
+            await self.servicer.calls.wait_idle(ABORT_GRACE_S)
         if self._server is not None:
             await self._server.stop(1.0 if finished else 0)
         await asyncio.to_thread(self.engine.shutdown)
         self.registry.close()
+        self.metrics.close()
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:
@@ -153,11 +206,16 @@ class ServerThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="diffusiond-server", daemon=True)
 
-    def start(self, timeout: float = 300.0) -> int:
+    def start(self, timeout: float = 300.0, load: bool = True) -> int:
+        """Bind and serve; with ``load`` also load the models (else call ``load`` later)."""
         self._thread.start()
         port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout)
-        asyncio.run_coroutine_threadsafe(self.server.load(), self._loop).result(timeout)
+        if load:
+            self.load(timeout)
         return port
+
+    def load(self, timeout: float = 300.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.load(), self._loop).result(timeout)
 
     @property
     def address(self) -> str:

@@ -13,6 +13,7 @@ from diffusiond.models.registry import LoadedModel
 from diffusiond.pipeline.imageio import PREVIEW_JPEG_QUALITY, encode_image
 from diffusiond.pipeline.previews import fit_preview
 from diffusiond.pipeline.request import GenerationRequest, GenerationResult, ImageFormat, PreviewKind, StepInfo
+from diffusiond.server.result_cache import CachedResult
 
 _DTYPES = {
     np.dtype("float32"): pb.DATA_TYPE_FLOAT32,
@@ -72,6 +73,23 @@ def response_for(result: GenerationResult, model: LoadedModel) -> pb.GenerateRes
             total_s=t.total_s,
         ),
         warnings=result.warnings,
+    )
+
+
+def cached_response(request: GenerationRequest, model: LoadedModel, cached: CachedResult) -> pb.GenerateResponse:
+    """A result-cache hit: the cached images under this request's id; nothing ran, so timings are zero."""
+    return pb.GenerateResponse(
+        request_id=request.request_id,
+        images=cached.images,
+        seed=request.seed,
+        model=model.name,
+        backend=model.backend.name,
+        scheduler=request.scheduler,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        timings=pb.Timings(),
+        warnings=cached.warnings,
+        from_cache=True,
     )
 
 

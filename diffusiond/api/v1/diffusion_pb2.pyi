@@ -123,7 +123,7 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., text_encode_s: _Optional[float] = ..., denoise_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "images", "seed", "model", "backend", "scheduler", "steps", "guidance_scale", "timings", "warnings")
+    __slots__ = ("request_id", "images", "seed", "model", "backend", "scheduler", "steps", "guidance_scale", "timings", "warnings", "from_cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class GenerateResponse(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     seed: int
@@ -144,7 +145,8 @@ class GenerateResponse(_message.Message):
     guidance_scale: float
     timings: Timings
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    from_cache: bool
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ..., from_cache: _Optional[bool] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("request_id", "queued", "started", "step", "result")
