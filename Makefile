@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install serve demo test proto bench clean
+.PHONY: install serve demo test proto bench bench-onnx clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# ONNX Runtime vs eager vs diffusers on a CPU-sized SD model (minutes; results in BENCHMARKS.md).
+bench-onnx: install
+	$(PY) bench/onnx_cpu.py $(ARGS)
 
 proto: install
 	$(PY) -m diffusiond.api.codegen

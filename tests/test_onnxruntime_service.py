@@ -107,7 +107,8 @@ def test_stream_events_match_eager(client, ort_client, preview):
     ("fields", "code"),
     [
         (dict(width=65), grpc.StatusCode.INVALID_ARGUMENT),
-        (dict(steps=0, num_images=9), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(num_images=9), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(guidance_scale=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(scheduler="warp_drive"), grpc.StatusCode.NOT_FOUND),
         (dict(model="no-such-model"), grpc.StatusCode.NOT_FOUND),
     ],
@@ -142,7 +143,8 @@ def test_cancelled_stream_stops_within_one_step(ort_client, ort_server):
                     stream.cancel()
         assert info.value.code is grpc.StatusCode.CANCELLED
         assert ort_server.server.engine.wait_idle(WAIT_S)
-        assert counting.unet_calls - start == 4
+        # Steps 1-3 ran; step 4's call may have started before the cancel landed, nothing after it.
+        assert counting.unet_calls - start in (3, 4)
     finally:
         counting.before_unet = None
     assert ort_client.generate("a fox", seed=1, steps=2).images
