@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time

@@ -50,8 +50,13 @@ def fp16_components(vae_force_upcast: bool) -> tuple[str, ...]:
     return (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 
 
-def convert_to_fp16(model, settings: Fp16Settings = Fp16Settings()):
-    """Return ``model`` with float tensors in fp16 except the kept ops and modules; I/O stays float32."""
+def convert_to_fp16(model, settings: Fp16Settings = Fp16Settings(), shapes_inferred: bool = False):
+    """Return ``model`` with float tensors in fp16 except the kept ops and modules; I/O stays float32.
+
+    The converter runs ONNX shape inference in memory, which protobuf refuses past 2 GB: for such
+    models infer shapes on the files first (``onnx.shape_inference.infer_shapes_path``) and pass
+    ``shapes_inferred``.
+    """
     from onnxruntime.transformers import float16
 
     node_block_list = nodes_in_modules(model, settings.keep_modules_fp32)
@@ -60,5 +65,5 @@ def convert_to_fp16(model, settings: Fp16Settings = Fp16Settings()):
         keep_io_types=True,
         op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(settings.keep_ops_fp32),
         node_block_list=node_block_list,
-        disable_shape_infer=False,
+        disable_shape_infer=shapes_inferred,
     )

@@ -139,6 +139,16 @@ def check_source(source: Path) -> None:
             raise FailedPrecondition(f"{source} has no {sub}/ directory: not a diffusers-format model")
 
 
+def _require_tools() -> None:
+    from diffusiond.errors import MissingDependency
+
+    for package in ("onnx", "onnxruntime"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise MissingDependency(package, "ONNX export", "onnx") from None
+
+
 def tool_versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -160,6 +170,7 @@ def tested_shapes(descriptor: NetworkDescriptor, profile: ShapeProfile) -> list[
 
 def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progress | None = None) -> ExportResult:
     """Export ``source`` into ``out`` (or reuse ``out`` when it is up to date)."""
+    _require_tools()
     check_source(source)
     config = load_model_config(source)
     dims = SDDims.from_model_dir(source)
@@ -356,7 +367,15 @@ def _export_component(
         progress.note("%s fp32: %.1f MB%s", name, fp32_bytes / 1e6, " (external data)" if external else "")
 
         if precision == "fp16":
-            fp16_model = convert_to_fp16(model, options.fp16)
+            if external:  # in-memory shape inference stops at 2 GB: infer on the files instead
+                import onnx
+
+                del model
+                inferred = target.with_name("inferred.onnx")  # beside its external data, which it names
+                onnx.shape_inference.infer_shapes_path(str(target), str(inferred))
+                model = onnx_io.load_model(inferred)
+                inferred.unlink()
+            fp16_model = convert_to_fp16(model, options.fp16, shapes_inferred=external)
             del model
             files = onnx_io.save_model(fp16_model, target, external=onnx_io.weight_bytes(fp16_model) > onnx_io.EXTERNAL_DATA_THRESHOLD)
             del fp16_model
