@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install serve demo test proto bench bench-serving clean
+.PHONY: install serve demo test proto bench-serving bench-onnx clean
 
 install: $(STAMP)
 
@@ -30,8 +30,13 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
+# Batching on/off at concurrency 1, 4, 16 through real gRPC clients (results in BENCHMARKS.md).
 bench-serving: install
 	$(PY) bench/serving.py $(ARGS)
+
+# ONNX Runtime vs eager vs diffusers on a CPU-sized SD model (minutes; results in BENCHMARKS.md).
+bench-onnx: install
+	$(PY) bench/onnx_cpu.py $(ARGS)
 
 proto: install
 	$(PY) -m diffusiond.api.codegen

@@ -1,4 +1,4 @@
-"""``diffusiond``: serve | generate | models.
+"""``diffusiond``: serve | generate | models | create-model | export.
 
 Client commands import only the client; ``serve`` imports the inference stack
 when it runs, so ``diffusiond generate`` works where only the client is installed.
@@ -26,7 +26,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a diffusers-format model directory (repeatable; the first is the default). "
         "Default: the built-in model, created on first start.",
     )
-    parser.add_argument("--backend", default="torch", help="inference backend (torch)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                        help="inference backend: torch (diffusers-format models) or onnxruntime "
+                        "(directories written by `diffusiond export onnx` or `optimum-cli export onnx`)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="network precision; bf16 is fast only on CPUs with AVX512-BF16/AMX")
@@ -54,12 +56,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-receive-message-mb", type=float, default=4.0,
                         help="largest request accepted, in MiB")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
+    ort = parser.add_argument_group("onnxruntime backend")
+    ort.add_argument("--providers", default="",
+                     help="execution providers in order of preference, comma-separated: tensorrt, cuda, cpu "
+                     "(default: every one this onnxruntime build has, in that order)")
+    ort.add_argument("--graph-optimization", default="all", choices=["disable", "basic", "extended", "all"],
+                     help="ONNX Runtime graph optimization level")
+    ort.add_argument("--inter-op-threads", type=int, default=0, help="ONNX Runtime inter-op threads (0: default)")
+    ort.add_argument("--trt-cache-dir", default="", help="where the TensorRT provider caches engines")
+    ort.add_argument("--precision", default="", choices=["", "fp32", "fp16", "int8"],
+                     help="refuse an export whose manifest says another precision")
+    ort.add_argument("--expect-source-hash", default="", metavar="SHA256",
+                     help="refuse an export made from another source model (a prefix of 12+ hex digits)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from diffusiond.backends.base import BackendSettings
+    from diffusiond.backends.base import BackendSettings, OnnxRuntimeOptions
     from diffusiond.errors import DiffusiondError
     from diffusiond.models.sources import ModelSource
     from diffusiond.server.app import ServerSettings
@@ -75,7 +89,19 @@ def run_serve(args: argparse.Namespace) -> int:
             port=args.port,
             models=[ModelSource.parse(m) for m in (args.model or ["builtin"])],
             backend=args.backend,
-            backend_settings=BackendSettings(device=args.device, dtype=args.dtype),
+            backend_settings=BackendSettings(
+                device=args.device,
+                dtype=args.dtype,
+                threads=args.threads,
+                expect_precision=args.precision,
+                expect_source_sha256=_source_hash_arg(args.expect_source_hash),
+                onnxruntime=OnnxRuntimeOptions(
+                    providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+                    graph_optimization=args.graph_optimization,
+                    inter_op_threads=args.inter_op_threads,
+                    trt_cache_dir=args.trt_cache_dir,
+                ),
+            ),
             engine=EngineSettings(
                 max_queue=args.max_queue,
                 max_batch_size=args.max_batch_size,
@@ -105,6 +131,15 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _source_hash_arg(text: str) -> str:
+    from diffusiond.errors import InvalidArgument
+
+    text = text.strip().lower()
+    if text and (len(text) < 12 or any(c not in "0123456789abcdef" for c in text)):
+        raise InvalidArgument("--expect-source-hash", f"{text!r} is not a sha256 prefix of at least 12 hex digits")
+    return text
+
+
 async def _serve(settings) -> int:
     from diffusiond.server.app import DiffusionServer
 
@@ -118,7 +153,10 @@ async def _serve(settings) -> int:
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if loader in done:
-        loader.result()  # raises if a model failed to load
+        if loader.exception() is not None:  # a model failed to load: close the listener, then report it
+            stopper.cancel()
+            await server.stop(0)
+            loader.result()
         await stopper
     else:
         loader.cancel()
@@ -147,6 +185,105 @@ def run_create_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="diffusers-format source model directory (or 'builtin')")
+    parser.add_argument("--out", required=True, help="directory to write the ONNX export into")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20)")
+    parser.add_argument("--max-images", type=int, default=4,
+                        help="images per request batch the shape profile covers (the guided UNet sees twice as many)")
+    parser.add_argument("--min-size", type=int, default=0, help="smallest image side in the profile (default: native/2)")
+    parser.add_argument("--max-size", type=int, default=0, help="largest image side in the profile (default: native*2)")
+    parser.add_argument("--no-verify", action="store_true", help="skip running each network against PyTorch")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    cal = parser.add_argument_group("int8 calibration (NVIDIA's recipe by default: 32 prompts, 20 steps)")
+    cal.add_argument("--calibration-prompts", default="", metavar="FILE",
+                     help="prompts, one per line (default: the set shipped with diffusiond)")
+    cal.add_argument("--calibration-max-prompts", type=int, default=32, help="use at most this many prompts (0: all)")
+    cal.add_argument("--calibration-steps", type=int, default=20, help="denoising steps per prompt")
+    cal.add_argument("--calibration-size", type=int, default=0, help="image side in pixels (default: native)")
+    cal.add_argument("--calibration-scheduler", default="", help="scheduler (default: the model's)")
+    cal.add_argument("--calibration-guidance", type=float, default=7.5)
+    cal.add_argument("--calibration-seed", type=int, default=0)
+    cal.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
+    cal.add_argument("--calibration-percentile", type=float, default=99.999)
+    q = parser.add_argument_group("int8 quantization (default: QDQ int8/int8 symmetric, per-channel: TensorRT's form)")
+    q.add_argument("--int8-format", default="qdq", choices=["qdq", "qoperator"])
+    q.add_argument("--int8-activations", default="int8", choices=["int8", "uint8"])
+    q.add_argument("--int8-weights", default="int8", choices=["int8", "uint8"])
+    q.add_argument("--int8-per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    q.add_argument("--int8-asymmetric", action="store_true", help="activation zero points other than 0 (CPU only)")
+    q.add_argument("--int8-reduce-range", action="store_true", help="7-bit weights (u8s8 saturation on CPUs without VNNI)")
+
+
+def export_options_from_args(args: argparse.Namespace):
+    from pathlib import Path
+
+    from diffusiond.export.calibration import CalibrationSettings
+    from diffusiond.export.int8 import Int8Settings
+    from diffusiond.export.onnx_export import ExportOptions
+    from diffusiond.models.descriptors import Range, ShapeProfile
+
+    profile = None
+    if args.min_size or args.max_size or args.max_images != 4:
+        from diffusiond.models.config import load_model_config
+        from diffusiond.models.sources import resolve_model_dir
+
+        native = load_model_config(resolve_model_dir(args.model)).default_size
+        default = ShapeProfile.around(native, args.max_images)
+        lo = args.min_size or default.height.min
+        hi = args.max_size or default.height.max
+        size = Range(lo, min(max(native, lo), hi), hi)
+        profile = ShapeProfile(images=Range(1, 1, args.max_images), height=size, width=size)
+    return ExportOptions(
+        precision=args.precision,
+        opset=args.opset,
+        profile=profile,
+        verify=not args.no_verify,
+        force=args.force,
+        calibration=CalibrationSettings(
+            prompts_file=Path(args.calibration_prompts) if args.calibration_prompts else None,
+            max_prompts=args.calibration_max_prompts,
+            steps=args.calibration_steps,
+            guidance_scale=args.calibration_guidance,
+            size=args.calibration_size,
+            scheduler=args.calibration_scheduler,
+            seed=args.calibration_seed,
+            method=args.calibration_method,
+            percentile=args.calibration_percentile,
+        ),
+        int8=Int8Settings(
+            quant_format=args.int8_format,
+            activation_type=args.int8_activations,
+            weight_type=args.int8_weights,
+            per_channel=not args.int8_per_tensor,
+            symmetric_activations=not args.int8_asymmetric,
+            reduce_range=args.int8_reduce_range,
+        ),
+    )
+
+
+def run_export_onnx(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffusiond.errors import DiffusiondError
+    from diffusiond.export.onnx_export import export_onnx
+    from diffusiond.models.sources import resolve_model_dir
+
+    try:
+        result = export_onnx(resolve_model_dir(args.model), Path(args.out), export_options_from_args(args))
+    except DiffusiondError as exc:
+        log.error("export failed: %s", exc)
+        return 2
+    manifest = result.manifest
+    state = "up to date, reused" if result.reused else "written"
+    sys.stdout.write(f"{result.directory}: {state} ({manifest.precision}, source sha256 {manifest.source_sha256[:16]})\n")
+    for name, entry in manifest.components.items():
+        sys.stdout.write(f"  {name:13s} {entry.precision:5s} {entry.bytes / 1e6:10.1f} MB  {', '.join(entry.files)}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusiond", description="Text-to-image service over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--force", action="store_true")
     create.set_defaults(func=run_create_model)
+    export = sub.add_parser("export", help="export a model for another runtime")
+    targets = export.add_subparsers(dest="target", required=True)
+    export_onnx = targets.add_parser(
+        "onnx", help="export to ONNX in Optimum's layout (fp32, fp16, or int8 with calibration)"
+    )
+    add_export_onnx_arguments(export_onnx)
+    export_onnx.set_defaults(func=run_export_onnx)
     return parser
 
 

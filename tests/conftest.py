@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,3 +116,31 @@ def client(server: ServerThread) -> Iterator[DiffusionClient]:
 def pipeline(model):
     """The server's own pipeline, for tests that need no RPC."""
     return model.pipeline
+
+
+# -- ONNX exports of the built-in model (each made once per session, on first use) --------------
+
+# INT8 calibration sized for a test: the recipe's form (every step, both guidance halves), fewer prompts.
+TEST_CALIBRATION = dict(max_prompts=4, steps=8, method="minmax")
+
+
+@pytest.fixture(scope="session")
+def onnx_export(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``onnx_export("fp32" | "fp16" | "int8")`` -> the built-in model exported at that precision."""
+    from diffusiond.export.calibration import CalibrationSettings
+    from diffusiond.export.onnx_export import ExportOptions, export_onnx
+
+    root = tmp_path_factory.mktemp("onnx")
+    # Calibration ranges are cached under the diffusiond cache: keep this session's to itself.
+    os.environ["DIFFUSIOND_CACHE"] = str(root / "cache")
+    made: dict[str, Path] = {}
+    lock = threading.Lock()
+
+    def get(precision: str) -> Path:
+        with lock:
+            if precision not in made:
+                options = ExportOptions(precision=precision, calibration=CalibrationSettings(**TEST_CALIBRATION))
+                made[precision] = export_onnx(builtin_dir, root / precision, options).directory
+            return made[precision]
+
+    return get

@@ -10,10 +10,23 @@ same on every backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """ONNX Runtime session choices (plain data: importing this needs no onnxruntime)."""
+
+    # Execution providers in order of preference: "tensorrt", "cuda", "cpu" (or ORT's full names).
+    # Empty: every one of those this onnxruntime build has, TensorRT first.
+    providers: tuple[str, ...] = ()
+    graph_optimization: str = "all"  # "disable", "basic", "extended", "all"
+    inter_op_threads: int = 0  # 0: ONNX Runtime's default
+    # TensorRT engines are cached here (default: a folder under the diffusiond cache).
+    trt_cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,11 @@ class BackendSettings:
 
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     dtype: str = "fp32"  # "fp32", "fp16", "bf16"
+    threads: int = 0  # intra-op CPU threads; 0: the runtime's default (one per core)
+    # What an exported artifact must be; a manifest that says otherwise is refused.
+    expect_precision: str = ""  # "fp32", "fp16", "int8"; empty: whatever it holds
+    expect_source_sha256: str = ""  # a prefix of the source model's hash; empty: any source
+    onnxruntime: OnnxRuntimeOptions = field(default_factory=OnnxRuntimeOptions)
 
 
 @runtime_checkable

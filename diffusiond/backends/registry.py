@@ -7,7 +7,7 @@ from pathlib import Path
 from diffusiond.backends.base import Backend, BackendSettings
 from diffusiond.errors import NotFound
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 def create_backend(name: str, model_dir: Path, settings: BackendSettings) -> Backend:
@@ -15,4 +15,8 @@ def create_backend(name: str, model_dir: Path, settings: BackendSettings) -> Bac
         from diffusiond.backends.torch_eager import TorchEagerBackend
 
         return TorchEagerBackend(model_dir, settings)
+    if name == "onnxruntime":
+        from diffusiond.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model_dir, settings)
     raise NotFound(f"backend {name!r} is not available; choose one of: {', '.join(BACKENDS)}")

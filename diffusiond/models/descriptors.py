@@ -1,0 +1,281 @@
+"""The I/O contract of each network, in one place.
+
+For every network a backend runs (text encoder, UNet, VAE decoder, VAE
+encoder) a ``NetworkDescriptor`` states its input and output names, dtypes
+and dimensions, which dimensions are dynamic, how to make sample inputs, and
+the (min, opt, max) shapes a ``ShapeProfile`` asks it to serve. ONNX export
+reads it (input/output names, dynamic axes, sample inputs to trace with and to
+verify against), the ONNX Runtime backend checks sessions against it, and a
+TensorRT engine build and its buffer allocation can read the same profiles and
+shape dictionaries. Names follow Optimum's ONNX layout, so directories exported
+by ``optimum-cli export onnx`` line up with ours.
+
+Dimensions are symbols resolved per call: ``batch`` (images per network call;
+the guided UNet runs two per image), ``height``/``width`` (pixels),
+``latent_height``/``latent_width`` (pixels / VAE factor), or fixed integers.
+Nothing here imports torch or a runtime: numpy only.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffusiond.errors import InvalidArgument
+from diffusiond.models.config import load_model_config, read_json
+
+Dim = int | str
+
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+VAE_ENCODER = "vae_encoder"
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)  # the encoder only serves image inputs
+
+
+class Sample(enum.Enum):
+    """What values a sample input holds (tracing and verification need realistic ones)."""
+
+    TOKENS = "tokens"  # token ids in [0, vocab)
+    TIMESTEP = "timestep"  # diffusion timesteps in [0, num_train_timesteps)
+    NORMAL = "normal"  # latents, hidden states
+    IMAGE = "image"  # pixels in [-1, 1]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple[Dim, ...]
+    sample: Sample = Sample.NORMAL
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        try:
+            return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+        except KeyError as exc:
+            raise KeyError(f"{self.name}: no size given for dimension {exc.args[0]!r}") from None
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {axis: d for axis, d in enumerate(self.dims) if isinstance(d, str)}
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min <= self.opt <= self.max:
+            raise InvalidArgument("profile", f"need 0 < min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+
+    def scaled(self, factor: int, divisor: int = 1) -> Range:
+        return Range(self.min * factor // divisor, self.opt * factor // divisor, self.max * factor // divisor)
+
+    def to_json(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The shapes an artifact is built to serve.
+
+    ``images`` counts images per request batch: the guided UNet sees twice as
+    many rows. ``height``/``width`` are in pixels. An ONNX model with dynamic
+    axes serves any shape; this range is what export verifies and what a
+    TensorRT engine is optimised for.
+    """
+
+    images: Range = Range(1, 1, 4)
+    height: Range = Range(256, 512, 1024)
+    width: Range = Range(256, 512, 1024)
+
+    @classmethod
+    def around(cls, native: int, max_images: int = 4) -> ShapeProfile:
+        """Half to twice the model's native size, opt at the native size."""
+        size = Range(max(64, native // 2), native, native * 2)
+        return cls(images=Range(1, 1, max_images), height=size, width=size)
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"images": self.images.to_json(), "height": self.height.to_json(), "width": self.width.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, list[int]]) -> ShapeProfile:
+        return cls(images=Range(*data["images"]), height=Range(*data["height"]), width=Range(*data["width"]))
+
+
+@dataclass(frozen=True)
+class SDDims:
+    """The sizes of a Stable-Diffusion-class model that fix its networks' shapes."""
+
+    latent_channels: int
+    unet_in_channels: int
+    unet_out_channels: int
+    vae_scale_factor: int
+    text_max_length: int
+    text_hidden_size: int
+    vocab_size: int
+    num_train_timesteps: int
+    image_channels: int = 3
+
+    @classmethod
+    def from_model_dir(cls, directory: Path) -> SDDims:
+        """Read from a diffusers or Optimum-ONNX directory's configs (no weights are loaded)."""
+        config = load_model_config(directory)
+        unet = read_json(directory / "unet" / "config.json")
+        text = read_json(directory / "text_encoder" / "config.json")
+        return cls(
+            latent_channels=config.latent_channels,
+            unet_in_channels=int(unet.get("in_channels", config.latent_channels)),
+            unet_out_channels=int(unet.get("out_channels", config.latent_channels)),
+            vae_scale_factor=config.vae_scale_factor,
+            text_max_length=config.text_max_length,
+            text_hidden_size=int(unet.get("cross_attention_dim", config.text_hidden_size)),
+            vocab_size=int(text.get("vocab_size", 49408)),
+            num_train_timesteps=int(config.scheduler_config.get("num_train_timesteps", 1000)),
+        )
+
+
+@dataclass(frozen=True)
+class NetworkDescriptor:
+    """One network's I/O contract. ``name`` is also its folder in the ONNX layout."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: SDDims
+    rows_per_image: int = 1  # the guided UNet runs 2 rows per image
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+    def sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
+        """Symbol values for one call: ``batch`` rows, an image of ``height`` x ``width`` pixels."""
+        f = self.dims.vae_scale_factor
+        if height % f or width % f:
+            raise InvalidArgument("size", f"{width}x{height} is not a multiple of the VAE factor {f}")
+        return {
+            "batch": batch,
+            "height": height,
+            "width": width,
+            "latent_height": height // f,
+            "latent_width": width // f,
+        }
+
+    def shape_dict(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """Every input's and output's shape for one call (what buffer allocation needs)."""
+        sizes = self.sizes(batch, height, width)
+        return {t.name: t.shape(sizes) for t in (*self.inputs, *self.outputs)}
+
+    def input_profile(self, profile: ShapeProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """(min, opt, max) shape of each input for ``profile`` (a TensorRT optimisation profile)."""
+        rows = profile.images
+        if self.rows_per_image > 1:  # unguided calls run one row per image, guided ones two
+            rows = Range(rows.min, rows.opt * self.rows_per_image, rows.max * self.rows_per_image)
+        corners = [
+            self.sizes(getattr(rows, k), getattr(profile.height, k), getattr(profile.width, k))
+            for k in ("min", "opt", "max")
+        ]
+        return {t.name: tuple(t.shape(c) for c in corners) for t in self.inputs}
+
+    def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Realistic random inputs of the given shape, in each input's dtype."""
+        rng = np.random.default_rng(seed)
+        sizes = self.sizes(batch, height, width)
+        out: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            shape = spec.shape(sizes)
+            if spec.sample is Sample.TOKENS:
+                value = rng.integers(0, self.dims.vocab_size, size=shape)
+            elif spec.sample is Sample.TIMESTEP:
+                value = np.full(shape, rng.integers(0, self.dims.num_train_timesteps))
+            elif spec.sample is Sample.IMAGE:
+                value = rng.uniform(-1.0, 1.0, size=shape)
+            else:
+                value = rng.standard_normal(size=shape)
+            out[spec.name] = value.astype(spec.dtype)
+        return out
+
+    def to_json(self, profile: ShapeProfile | None = None) -> dict[str, object]:
+        data: dict[str, object] = {
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "dynamic_axes": {k: {str(a): s for a, s in v.items()} for k, v in self.dynamic_axes().items()},
+        }
+        if profile is not None:
+            data["profile"] = {
+                name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])}
+                for name, s in self.input_profile(profile).items()
+            }
+        return data
+
+
+def sd_descriptors(dims: SDDims) -> dict[str, NetworkDescriptor]:
+    """The four networks of a Stable Diffusion 1.x/2.x pipeline, keyed by component name."""
+    c, t, d = dims.latent_channels, dims.text_max_length, dims.text_hidden_size
+    latent = ("batch", c, "latent_height", "latent_width")
+    image = ("batch", dims.image_channels, "height", "width")
+    return {
+        TEXT_ENCODER: NetworkDescriptor(
+            TEXT_ENCODER,
+            inputs=(TensorSpec("input_ids", "int64", ("batch", t), Sample.TOKENS),),
+            outputs=(
+                TensorSpec("last_hidden_state", "float32", ("batch", t, d)),
+                TensorSpec("pooler_output", "float32", ("batch", d)),
+            ),
+            dims=dims,
+        ),
+        UNET: NetworkDescriptor(
+            UNET,
+            inputs=(
+                TensorSpec("sample", "float32", ("batch", dims.unet_in_channels, "latent_height", "latent_width")),
+                TensorSpec("timestep", "float32", ("batch",), Sample.TIMESTEP),
+                TensorSpec("encoder_hidden_states", "float32", ("batch", t, d)),
+            ),
+            outputs=(
+                TensorSpec("out_sample", "float32", ("batch", dims.unet_out_channels, "latent_height", "latent_width")),
+            ),
+            dims=dims,
+            rows_per_image=2,
+        ),
+        VAE_DECODER: NetworkDescriptor(
+            VAE_DECODER,
+            inputs=(TensorSpec("latent_sample", "float32", latent),),
+            outputs=(TensorSpec("sample", "float32", image),),
+            dims=dims,
+        ),
+        VAE_ENCODER: NetworkDescriptor(
+            VAE_ENCODER,
+            inputs=(TensorSpec("sample", "float32", image, Sample.IMAGE),),
+            # The distribution's parameters (mean and log-variance stacked on channels), as Optimum exports.
+            outputs=(TensorSpec("latent_parameters", "float32", ("batch", 2 * c, "latent_height", "latent_width")),),
+            dims=dims,
+        ),
+    }
+
+
+def descriptors_for(directory: Path) -> dict[str, NetworkDescriptor]:
+    return sd_descriptors(SDDims.from_model_dir(directory))
+
+
+def describe(descriptors: Mapping[str, NetworkDescriptor]) -> str:
+    """A readable dump of the contracts (for docs and debugging)."""
+    return json.dumps({name: d.to_json() for name, d in descriptors.items()}, indent=2)
