@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -85,15 +86,25 @@ def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_builtin_model(tmp_path_factory.mktemp("cache"))
 
 
+@contextlib.contextmanager
+def running_server(settings: ServerSettings, wrapper: Callable | None = None) -> Iterator[ServerThread]:
+    """A real server on a loopback port; ``wrapper`` (e.g. CountingBackend) wraps the first model's backend."""
+    thread = ServerThread(settings)
+    thread.start()
+    if wrapper is not None:
+        model = next(iter(thread.server.registry))
+        model.pipeline.backend = wrapper(model.pipeline.backend)
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
 @pytest.fixture(scope="session")
 def server(builtin_dir: Path) -> Iterator[ServerThread]:
     settings = ServerSettings(host="127.0.0.1", port=0, models=[ModelSource("builtin", str(builtin_dir))])
-    thread = ServerThread(settings)
-    thread.start()
-    model = thread.server.registry.get("builtin")
-    model.pipeline.backend = CountingBackend(model.pipeline.backend)
-    yield thread
-    thread.stop()
+    with running_server(settings, CountingBackend) as thread:
+        yield thread
 
 
 @pytest.fixture(scope="session")

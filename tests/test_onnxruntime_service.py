@@ -19,7 +19,7 @@ from diffusiond.backends.base import BackendSettings
 from diffusiond.client import ClientError, DiffusionClient, build_request, tensor_to_numpy
 from diffusiond.models.sources import ModelSource
 from diffusiond.server.app import ServerSettings, ServerThread
-from conftest import CountingBackend
+from conftest import CountingBackend, running_server
 
 MIN_PSNR_DB = 45.0  # fp32 ONNX Runtime vs fp32 PyTorch, 8-bit images
 WAIT_S = 30.0
@@ -31,12 +31,8 @@ def ort_server(onnx_export) -> Iterator[ServerThread]:
         host="127.0.0.1", port=0, models=[ModelSource("builtin", str(onnx_export("fp32")))],
         backend="onnxruntime", backend_settings=BackendSettings(threads=2),
     )
-    thread = ServerThread(settings)
-    thread.start()
-    model = thread.server.registry.get("builtin")
-    model.pipeline.backend = CountingBackend(model.pipeline.backend)
-    yield thread
-    thread.stop()
+    with running_server(settings, CountingBackend) as thread:
+        yield thread
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import FaultyBackend
+from conftest import FaultyBackend, running_server
 from images import assert_same_image
 
 from diffusiond.client import ClientError, DiffusionClient, build_request
@@ -38,12 +38,8 @@ def batch_server(builtin_dir) -> Iterator[ServerThread]:
         result_cache_bytes=8 * 1024 * 1024,
         metrics_port=0,
     )
-    thread = ServerThread(settings)
-    thread.start()
-    model = thread.server.registry.get("builtin")
-    model.pipeline.backend = FaultyBackend(model.pipeline.backend)
-    yield thread
-    thread.stop()
+    with running_server(settings, FaultyBackend) as thread:
+        yield thread
 
 
 @pytest.fixture

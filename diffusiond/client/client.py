@@ -127,11 +127,21 @@ def build_request(
     return request
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
+def _open_channel(
+    api: Any,
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    compression: grpc.Compression | None,
+    max_message_bytes: int,
+) -> Any:
+    """A channel from ``grpc`` or ``grpc.aio`` (same signatures), secure when credentials are given."""
+    options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if credentials is not None:
+        return api.secure_channel(address, credentials, options=options, compression=compression)
+    return api.insecure_channel(address, options=options, compression=compression)
 
 
 class ProgressStream:
@@ -163,11 +173,7 @@ class DiffusionClient:
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = _channel_options(max_message_bytes)
-        if credentials is not None:
-            self._channel = grpc.secure_channel(address, credentials, options=options, compression=compression)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options, compression=compression)
+        self._channel = _open_channel(grpc, address, credentials, compression, max_message_bytes)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
         self.metadata = list(metadata or [])
@@ -236,11 +242,7 @@ class AsyncDiffusionClient:
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = _channel_options(max_message_bytes)
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options, compression=compression)
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options=options, compression=compression)
+        self._channel = _open_channel(grpc.aio, address, credentials, compression, max_message_bytes)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
         self.metadata = list(metadata or [])

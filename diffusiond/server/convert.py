@@ -6,6 +6,8 @@ request's images are the same bytes whichever RPC carried them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
@@ -56,6 +58,25 @@ def response_for(result: GenerationResult, model: LoadedModel) -> pb.GenerateRes
             )
         )
     t = result.timings
+    timings = pb.Timings(
+        queue_s=t.queue_s, text_encode_s=t.text_encode_s, denoise_s=t.denoise_s, decode_s=t.decode_s, total_s=t.total_s
+    )
+    return _response(request, model, images, timings, result.warnings)
+
+
+def cached_response(request: GenerationRequest, model: LoadedModel, cached: CachedResult) -> pb.GenerateResponse:
+    """A result-cache hit: the cached images under this request's id; nothing ran, so timings are zero."""
+    return _response(request, model, cached.images, pb.Timings(), cached.warnings, from_cache=True)
+
+
+def _response(
+    request: GenerationRequest,
+    model: LoadedModel,
+    images: Sequence[pb.Image],
+    timings: pb.Timings,
+    warnings: Sequence[str],
+    from_cache: bool = False,
+) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=request.request_id,
         images=images,
@@ -65,31 +86,9 @@ def response_for(result: GenerationResult, model: LoadedModel) -> pb.GenerateRes
         scheduler=request.scheduler,
         steps=request.steps,
         guidance_scale=request.guidance_scale,
-        timings=pb.Timings(
-            queue_s=t.queue_s,
-            text_encode_s=t.text_encode_s,
-            denoise_s=t.denoise_s,
-            decode_s=t.decode_s,
-            total_s=t.total_s,
-        ),
-        warnings=result.warnings,
-    )
-
-
-def cached_response(request: GenerationRequest, model: LoadedModel, cached: CachedResult) -> pb.GenerateResponse:
-    """A result-cache hit: the cached images under this request's id; nothing ran, so timings are zero."""
-    return pb.GenerateResponse(
-        request_id=request.request_id,
-        images=cached.images,
-        seed=request.seed,
-        model=model.name,
-        backend=model.backend.name,
-        scheduler=request.scheduler,
-        steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        timings=pb.Timings(),
-        warnings=cached.warnings,
-        from_cache=True,
+        timings=timings,
+        warnings=warnings,
+        from_cache=from_cache,
     )
 
 
