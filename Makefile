@@ -1,4 +1,4 @@
-# diffusiond: make serve | demo | test | proto | bench
+# diffusiond: make serve | demo | test | proto | bench | eval | train-builtin
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install serve demo test proto bench clean
+.PHONY: install serve demo test proto bench eval train-builtin clean
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ test: install
 
 proto: install
 	$(PY) -m diffusiond.api.codegen
+
+# Score the built-in model (or ARGS="--model DIR ...") on the held-out prompts.
+eval: install
+	$(VENV)/bin/diffusiond eval $(ARGS)
+
+# Retrain the built-in model from scratch (resumable: run again after an interruption).
+train-builtin: install
+	$(PY) -m diffusiond.training.train --work runs/builtin --out diffusiond/models/builtin_weights $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

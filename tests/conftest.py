@@ -1,4 +1,4 @@
-"""Shared fixtures: the built-in model (created once per session) and a real server on loopback."""
+"""Shared fixtures: the built-in model (shipped with the package) and a real server on loopback."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ class CountingBackend:
 
 
 @pytest.fixture(scope="session")
-def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_builtin_model(tmp_path_factory.mktemp("cache"))
+def builtin_dir() -> Path:
+    return ensure_builtin_model()
 
 
 @pytest.fixture(scope="session")
