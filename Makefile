@@ -1,4 +1,4 @@
-# diffusiond: make serve | demo | test | proto | bench-serving
+# diffusiond: make serve | demo | test | proto | bench-serving | bench-onnx | eval | train-builtin
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install serve demo test proto bench-serving bench-onnx clean
+.PHONY: install serve demo test proto bench-serving bench-onnx eval train-builtin clean
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ serve: install
 	$(VENV)/bin/diffusiond serve --host $(HOST) --port $(PORT) $(ARGS)
 
 demo: install
-	$(VENV)/bin/diffusiond generate "a red fox in the snow" --stream --server $(HOST):$(PORT) -o fox.png $(ARGS)
+	$(VENV)/bin/diffusiond generate "a large red circle on a blue background, top left" --stream --server $(HOST):$(PORT) -o demo.png $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
@@ -40,6 +40,14 @@ bench-onnx: install
 
 proto: install
 	$(PY) -m diffusiond.api.codegen
+
+# Score the built-in model (or ARGS="--model DIR ...") on the held-out prompts.
+eval: install
+	$(VENV)/bin/diffusiond eval $(ARGS)
+
+# Retrain the built-in model from scratch (resumable: run again after an interruption).
+train-builtin: install
+	$(PY) -m diffusiond.training.train --work runs/builtin --out diffusiond/models/builtin_weights $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -1,4 +1,4 @@
-"""``diffusiond``: serve | generate | models | create-model | export.
+"""``diffusiond``: serve | generate | models | create-model | export | eval.
 
 Client commands import only the client; ``serve`` imports the inference stack
 when it runs, so ``diffusiond generate`` works where only the client is installed.
@@ -204,7 +204,8 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--calibration-steps", type=int, default=20, help="denoising steps per prompt")
     cal.add_argument("--calibration-size", type=int, default=0, help="image side in pixels (default: native)")
     cal.add_argument("--calibration-scheduler", default="", help="scheduler (default: the model's)")
-    cal.add_argument("--calibration-guidance", type=float, default=7.5)
+    cal.add_argument("--calibration-guidance", type=float, default=None,
+                     help="guidance scale (default: the model's, 7.5 for SD)")
     cal.add_argument("--calibration-seed", type=int, default=0)
     cal.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
     cal.add_argument("--calibration-percentile", type=float, default=99.999)
@@ -284,6 +285,68 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are EvalSettings'; it is not imported here, so client commands never load torch.
+    parser.add_argument("--model", default="builtin", metavar="[NAME=]PATH",
+                        help="model directory (diffusers or exported layout); default: the built-in model")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                        help="inference backend; onnxruntime needs --model to name an ONNX export")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="precision the torch backend computes in")
+    parser.add_argument("--precision", default="",
+                        help="refuse to run unless the backend reports this precision (e.g. int8 for an INT8 export)")
+    parser.add_argument("--num-prompts", type=int, default=200, help="held-out prompts to generate")
+    parser.add_argument("--split", default="test", choices=["test", "validation"],
+                        help="test: the held-out prompts; validation: for choosing sampling defaults")
+    parser.add_argument("--steps", type=int, default=0, help="denoising steps (0: the model's default)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--scheduler", default="", help="scheduler name (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
+    parser.add_argument("--clip-model", default="", metavar="DIR",
+                        help="a local CLIP model directory: also report CLIP score")
+    parser.add_argument("--save-images", default="", metavar="DIR", help="write the images and a contact sheet here")
+    parser.add_argument("--out", default="", metavar="REPORT.json", help="write the full report (every prompt) here")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffusiond.errors import DiffusiondError
+    from diffusiond.eval.run import EvalSettings, evaluate, write_report
+
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = EvalSettings(
+        model=args.model, backend=args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
+        num_prompts=args.num_prompts, split=args.split, steps=args.steps, guidance_scale=args.guidance,
+        scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, clip_model=args.clip_model,
+        save_images=args.save_images,
+    )
+
+    def progress(done: int, total: int) -> None:
+        sys.stderr.write(f"\r{done}/{total} prompts")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    try:
+        report = evaluate(settings, progress=progress)
+    except DiffusiondError as exc:
+        log.error("cannot evaluate: %s", exc)
+        return 2
+    sys.stdout.write(report.table() + "\n")
+    if args.out:
+        write_report(report, Path(args.out))
+        sys.stdout.write(f"report: {args.out}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusiond", description="Text-to-image service over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_export_onnx_arguments(export_onnx)
     export_onnx.set_defaults(func=run_export_onnx)
+    evaluate = sub.add_parser(
+        "eval", help="generate the shapes data set's held-out prompts and score them (in-process, no server)"
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the built-in model (created once per session) and a real server on loopback."""
+"""Shared fixtures: the built-in model (shipped with the package) and a real server on loopback."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ class FaultyBackend:
 
 
 @pytest.fixture(scope="session")
-def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_builtin_model(tmp_path_factory.mktemp("cache"))
+def builtin_dir() -> Path:
+    return ensure_builtin_model()
 
 
 @contextlib.contextmanager
@@ -132,7 +132,7 @@ def pipeline(model):
 # -- ONNX exports of the built-in model (each made once per session, on first use) --------------
 
 # INT8 calibration sized for a test: the recipe's form (every step, both guidance halves), fewer prompts.
-TEST_CALIBRATION = dict(max_prompts=4, steps=8, method="minmax")
+TEST_CALIBRATION = dict(max_prompts=16, steps=8, method="minmax")
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,18 @@ from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.models.registry import load_model
 from diffusiond.pipeline.request import GenerationRequest, PreviewKind, PreviewSpec
 from diffusiond.pipeline.text2img import Job
+from diffusiond.training.dataset import held_out_prompts
 
-# Same seed, same request, tiny model on the CPU (8-bit images, PSNR over all pixels):
+# Same seed, same request, the built-in model on the CPU (8-bit images, PSNR over all pixels):
 FP32_MIN_PSNR_DB = 45.0  # float rounding between two fp32 runtimes
 FP16_MIN_PSNR_DB = 30.0  # fp16 weights and activations, sensitive ops in fp32
-INT8_MIN_LATENT_COSINE = 0.98  # final latents, INT8 UNet vs fp32 eager
+# Final latents, INT8 UNet vs fp32 eager. The trained built-in model places a shape where small
+# features of the noise put it, so quantization error can move a shape: measured 0.94-0.997 on
+# held-out prompts with a correct calibration, 0.38-0.63 with ranges from a few samples only.
+INT8_MIN_LATENT_COSINE = 0.92
 # Bytes of the UNet file(s) relative to the fp32 export's. On SD-proportioned UNets (the issue's
 # bounds, fp16 <= 55%, int8 <= 30%) this is checked by tests/test_export_sizes_slow.py and the benchmark.
-# The tiny model is a poor judge of size: its graph (node and tensor names, shape arithmetic) is
+# The built-in model is a poor judge of size: its graph (node and tensor names, shape arithmetic) is
 # 10% of its fp32 file, and the layers the INT8 recipe keeps in fp32 (time_emb_proj above all)
 # hold 11% of its weights against about 3% in SD 1.5. Its bounds say so.
 TINY_FP16_MAX_SIZE_RATIO = 0.58
@@ -47,10 +51,12 @@ class LastLatents:
             self.latents = info.preview
 
 
-def request(scheduler: str = "pndm", **fields) -> GenerationRequest:
+def request(scheduler: str = "dpmpp_2m", **fields) -> GenerationRequest:
+    """A prompt the built-in model knows, at its default guidance (4)."""
     base = dict(
-        request_id="parity", model="builtin", prompt="a red fox in the snow", negative_prompt="",
-        width=64, height=64, steps=10, guidance_scale=7.5, seed=1234, num_images=2, scheduler=scheduler,
+        request_id="parity", model="builtin", prompt="a large red circle on a blue background, top left",
+        negative_prompt="", width=64, height=64, steps=10, guidance_scale=4.0, seed=1234, num_images=2,
+        scheduler=scheduler,
         preview=PreviewSpec(PreviewKind.LATENT, every_n_steps=1000),
     )
     base.update(fields)
@@ -104,9 +110,9 @@ def test_fp16_images_match_eager(pipeline, ort_models, record_property):
     assert psnr(got, expected) >= FP16_MIN_PSNR_DB
 
 
-@pytest.mark.parametrize("prompt", ["a red fox in the snow", "a blue house by the sea"])
+@pytest.mark.parametrize("prompt", [scene.caption for scene in held_out_prompts(2)])
 def test_int8_final_latents_match_eager(pipeline, ort_models, prompt, record_property):
-    """Calibrated on other prompts (the shipped set) with the model's scheduler; tested on unseen ones."""
+    """Calibrated on the model's own prompts (its validation split); tested on held-out ones."""
     expected_images, expected = run(pipeline, request(prompt=prompt))
     images, latents = run(ort_models("int8").pipeline, request(prompt=prompt))
     similarity = cosine(latents, expected)

@@ -18,7 +18,7 @@ from diffusiond.client import ClientError, DiffusionClient
 
 
 def test_serve_generate_and_ctrl_c(builtin_dir, tmp_path):
-    env = {**os.environ, "DIFFUSIOND_CACHE": str(builtin_dir.parent.parent)}
+    env = {**os.environ, "DIFFUSIOND_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffusiond.cli", "serve", "--port", "0", "--threads", "1"],
         stderr=subprocess.PIPE, text=True, env=env,

@@ -12,6 +12,7 @@ steps, guidance batch 2, fixed seeds so scales are reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,15 +23,17 @@ import numpy as np
 from diffusiond.errors import InvalidArgument, NotFound
 
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
+# A model directory may bring its own calibration prompts (the built-in model does: it only knows shapes).
+MODEL_PROMPTS_FILE = "calibration_prompts.txt"
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    prompts_file: Path | None = None  # None: the default set shipped with diffusiond
+    prompts_file: Path | None = None  # None: the model's calibration_prompts.txt, else the set shipped here
     max_prompts: int = 32  # 0: every prompt in the file
     steps: int = 20
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the model's default (7.5 for SD)
     size: int = 0  # pixels, square; 0: the model's native size
     scheduler: str = ""  # empty: the model's own
     seed: int = 0
@@ -60,13 +63,21 @@ class CalibrationSettings:
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
             "prompts": len(prompts),
             "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
+            "guidance_scale": self.guidance_scale if self.guidance_scale is not None else "model default",
             "size": self.size,
             "scheduler": self.scheduler or "model default",
             "seed": self.seed,
             "method": self.method,
             "percentile": self.percentile if self.method == "percentile" else None,
         }
+
+
+def for_model(settings: CalibrationSettings, model_dir: Path) -> CalibrationSettings:
+    """Settings whose default prompts are the model's own ``calibration_prompts.txt`` where it has one."""
+    own = model_dir / MODEL_PROMPTS_FILE
+    if settings.prompts_file is None and own.is_file():
+        return dataclasses.replace(settings, prompts_file=own)
+    return settings
 
 
 def read_prompts(path: Path, limit: int = 0) -> list[str]:
@@ -147,7 +158,8 @@ def capture_unet_inputs(model_dir: Path, settings: CalibrationSettings, progress
                 width=size,
                 height=size,
                 steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
+                guidance_scale=(model.limits.default_guidance_scale if settings.guidance_scale is None
+                                else settings.guidance_scale),
                 seed=settings.seed + i,
                 num_images=1,
                 scheduler=scheduler,

@@ -124,7 +124,9 @@ def quantize_unet(
         "MatMulConstBOnly": True,  # leave attention's activation x activation products in fp32
         "ActivationSymmetric": settings.symmetric_activations,
         "WeightSymmetric": True,
-        "CalibMaxIntermediateOutputs": 8,  # bound memory: merge ranges every 8 samples
+        # No CalibMaxIntermediateOutputs: ONNX Runtime's MinMax calibrator (1.32) empties its buffer
+        # when that count is reached without merging it into the ranges, so every sample but the
+        # last few would be lost. MinMax keeps only per-tensor minima and maxima per sample anyway.
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
     }
     if calibration.method == "percentile":

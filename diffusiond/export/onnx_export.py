@@ -26,6 +26,7 @@ options means OUT is up to date, and it is reused unless ``force``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -42,6 +43,7 @@ import numpy as np
 
 from diffusiond.errors import DiffusiondError, FailedPrecondition, InvalidArgument, NotFound
 from diffusiond.export import onnx_io
+from diffusiond.export import calibration
 from diffusiond.export.calibration import CalibrationSettings, capture_unet_inputs
 from diffusiond.export.fp16 import Fp16Settings, convert_to_fp16, fp16_components
 from diffusiond.export.int8 import Int8Settings, quantize_unet
@@ -56,7 +58,7 @@ from diffusiond.export.manifest import (
     read_manifest,
 )
 from diffusiond.export.progress import Progress
-from diffusiond.models.config import load_model_config, read_json
+from diffusiond.models.config import SERVING_DEFAULTS_FILE, load_model_config, read_json
 from diffusiond.models.descriptors import (
     COMPONENTS,
     REQUIRED_COMPONENTS,
@@ -70,7 +72,7 @@ from diffusiond.models.descriptors import (
 log = logging.getLogger(__name__)
 
 # Bump when the export recipe changes, so existing artifacts are rebuilt rather than reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # bump when the artifact changes for the same source and options
 DEFAULT_OPSET = 17
 SOURCE_CONFIG = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 # fp32 networks must match PyTorch to this (absolute, scaled by the output's magnitude when above 1).
@@ -172,6 +174,7 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
     """Export ``source`` into ``out`` (or reuse ``out`` when it is up to date)."""
     _require_tools()
     check_source(source)
+    options = dataclasses.replace(options, calibration=calibration.for_model(options.calibration, source))
     config = load_model_config(source)
     dims = SDDims.from_model_dir(source)
     profile = options.profile or ShapeProfile.around(config.default_size)
@@ -450,5 +453,8 @@ def _copy_configs(source: Path, staging: Path, components: tuple[str, ...]) -> N
         shutil.copy2(source / SOURCE_CONFIG[name] / "config.json", staging / name / "config.json")
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(source / sub, staging / sub)
+    # The model's own sampling defaults travel with it, so an export serves what the source serves.
+    if (source / SERVING_DEFAULTS_FILE).is_file():
+        shutil.copy2(source / SERVING_DEFAULTS_FILE, staging / SERVING_DEFAULTS_FILE)
     index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

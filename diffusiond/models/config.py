@@ -4,6 +4,11 @@ Works for both layouts the service serves: diffusers (``unet/``, ``vae/``,
 ``text_encoder/``) and Optimum's ONNX export (``unet/``, ``vae_decoder/``,
 ``text_encoder/``), since both keep each component's ``config.json``. Reading
 JSON rather than instantiating networks keeps this independent of the backend.
+
+A model directory may also hold ``diffusiond.json`` with the sampling defaults
+its authors recommend (``{"default_steps": 20, "default_guidance_scale": 4.0}``);
+the default scheduler is the one ``scheduler/scheduler_config.json`` names.
+Other tools ignore the file; without it the defaults are SD's (30 steps, 7.5).
 """
 
 from __future__ import annotations
@@ -15,11 +20,21 @@ from typing import Any
 
 from diffusiond.errors import FailedPrecondition, NotFound
 
+SERVING_DEFAULTS_FILE = "diffusiond.json"
+
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline",
     "ORTStableDiffusionPipeline",
     "OnnxStableDiffusionPipeline",
 }
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves steps or guidance unset gets."""
+
+    steps: int = 30
+    guidance_scale: float = 7.5
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,7 @@ class ModelConfig:
     prediction_type: str
     scheduler_config: dict[str, Any]
     pipeline_class: str
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
 
     @property
     def default_size(self) -> int:
@@ -56,6 +72,26 @@ def _vae_config(directory: Path) -> dict[str, Any]:
         if path.is_file():
             return read_json(path)
     raise NotFound(f"{directory} has no vae/config.json or vae_decoder/config.json")
+
+
+def read_sampling_defaults(directory: Path) -> SamplingDefaults:
+    """The model's own ``diffusiond.json`` defaults, else SD's."""
+    path = directory / SERVING_DEFAULTS_FILE
+    if not path.is_file():
+        return SamplingDefaults()
+    values = read_json(path)
+    known = {"default_steps", "default_guidance_scale"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FailedPrecondition(f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    base = SamplingDefaults()
+    steps = values.get("default_steps", base.steps)
+    guidance = values.get("default_guidance_scale", base.guidance_scale)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise FailedPrecondition(f"{path}: default_steps must be a positive integer, got {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+        raise FailedPrecondition(f"{path}: default_guidance_scale must be a number >= 0, got {guidance!r}")
+    return SamplingDefaults(steps=steps, guidance_scale=float(guidance))
 
 
 def load_model_config(directory: Path) -> ModelConfig:
@@ -89,4 +125,5 @@ def load_model_config(directory: Path) -> ModelConfig:
         prediction_type=str(scheduler.get("prediction_type", "epsilon")),
         scheduler_config=scheduler,
         pipeline_class=pipeline_class,
+        sampling_defaults=read_sampling_defaults(directory),
     )

@@ -133,7 +133,6 @@ PRESETS: dict[str, SDArchitecture] = {
 
 def write_sd_model(directory: Path, preset: str | SDArchitecture, seed: int = 0) -> None:
     """Write a complete diffusers-format StableDiffusionPipeline directory with seeded random weights."""
-    import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -154,8 +153,15 @@ def write_sd_model(directory: Path, preset: str | SDArchitecture, seed: int = 0)
     torch.manual_seed(seed + 2)
     AutoencoderKL(**arch.vae).save_pretrained(directory / "vae")
 
-    (directory / "scheduler").mkdir(exist_ok=True)
-    scheduler = {**arch.scheduler, "_diffusers_version": diffusers.__version__}
+    write_pipeline_files(directory, arch.scheduler)
+
+
+def write_pipeline_files(directory: Path, scheduler_config: dict[str, Any]) -> None:
+    """``scheduler/scheduler_config.json`` and ``model_index.json`` of a StableDiffusionPipeline directory."""
+    import diffusers
+
+    (directory / "scheduler").mkdir(parents=True, exist_ok=True)
+    scheduler = {**scheduler_config, "_diffusers_version": diffusers.__version__}
     (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     model_index = {
         "_class_name": "StableDiffusionPipeline",
@@ -163,7 +169,7 @@ def write_sd_model(directory: Path, preset: str | SDArchitecture, seed: int = 0)
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", arch.scheduler["_class_name"]],
+        "scheduler": ["diffusers", scheduler_config["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],

@@ -2,8 +2,8 @@
 
 The built-in model needs a tokenizer that loads with ``CLIPTokenizer`` exactly
 as Stable Diffusion's does. This builds one from the byte-level alphabet plus
-whole-word merges for a given word list, so common words become single tokens
-and anything else still tokenizes (byte by byte) instead of mapping to <unk>.
+whole-word merges for a given word list, so every listed word becomes a single
+token and anything else still tokenizes (byte by byte) instead of mapping to <unk>.
 """
 
 from __future__ import annotations
@@ -33,26 +33,45 @@ def byte_alphabet() -> list[str]:
     return [chr(c) for c in chars]
 
 
+def apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the lowest rank."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Return (vocab, merges): bytes, bytes at word end, one merge chain per word, then BOS/EOS."""
+    """Return (vocab, merges): bytes, bytes at word end, merges that make every word one token, BOS/EOS.
+
+    Merges apply in rank order, so a pair learnt for one word (``r e`` from
+    "red") can split a later word ("green" -> ``g re e n``) unless the later
+    word's own merges start from the pieces the earlier merges leave. Each word
+    is therefore first encoded with the merges so far, and only the merges that
+    join *those* pieces are appended; appending never changes how earlier words
+    encode, because their own, lower-ranked merges always apply first.
+    """
     alphabet = byte_alphabet()
     vocab: dict[str, int] = {}
     for symbol in alphabet + [a + END_OF_WORD for a in alphabet]:
         vocab[symbol] = len(vocab)
     merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         word = word.strip().lower()
         if not word or not word.isascii() or not word.isalpha():
             continue
-        pieces = list(word[:-1]) + [word[-1] + END_OF_WORD]
+        pieces = apply_merges(list(word[:-1]) + [word[-1] + END_OF_WORD], ranks)
         current = pieces[0]
         for piece in pieces[1:]:
             pair = (current, piece)
             current = current + piece
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
+            ranks[pair] = len(merges)
+            merges.append(pair)
             vocab.setdefault(current, len(vocab))
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffusiond.errors import FailedPrecondition
 from diffusiond.models.config import ModelConfig
 
 
@@ -25,14 +26,27 @@ class ModelLimits:
     @classmethod
     def for_model(cls, config: ModelConfig, max_size: int = 2048, size_multiple: int | None = None,
                   **overrides: object) -> ModelLimits:
-        """Defaults from the model's configs: native size from the UNet sample size times the VAE factor."""
+        """Defaults from the model's configs: native size from the UNet sample size times the VAE factor,
+        steps and guidance from its ``diffusiond.json`` (SD's where it has none)."""
         multiple = size_multiple or config.vae_scale_factor
         native = config.default_size
-        return cls(
+        values: dict[str, object] = {
+            "default_steps": config.sampling_defaults.steps,
+            "default_guidance_scale": config.sampling_defaults.guidance_scale,
+            **overrides,
+        }
+        limits = cls(
             default_width=native,
             default_height=native,
             size_multiple=multiple,
             min_size=multiple * 8,
             max_size=max(max_size, native),
-            **overrides,  # type: ignore[arg-type]
+            **values,  # type: ignore[arg-type]
         )
+        if not 1 <= limits.default_steps <= limits.max_steps:
+            raise FailedPrecondition(f"default steps {limits.default_steps} is outside 1..{limits.max_steps}")
+        if limits.default_guidance_scale > limits.max_guidance_scale:
+            raise FailedPrecondition(
+                f"default guidance scale {limits.default_guidance_scale} is above {limits.max_guidance_scale}"
+            )
+        return limits

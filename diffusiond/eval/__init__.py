@@ -1,0 +1,1 @@
+"""Judging generated images: a deterministic pixel scorer, ``diffusiond eval`` and CLIP score."""

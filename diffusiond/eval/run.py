@@ -1,0 +1,224 @@
+"""``diffusiond eval``: generate the held-out prompts on a backend and precision, and score them.
+
+Runs in-process (no server): the model is loaded with the same
+``load_model`` the server uses and driven through the same pipeline, so a
+backend or an exported precision is judged exactly as it would serve. Prompt
+*i* uses seed ``seed + i``; requests run ``batch_size`` at a time (one UNet
+batch), which changes pixels only by float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffusiond.backends.base import BackendSettings
+from diffusiond.errors import FailedPrecondition, InvalidArgument
+from diffusiond.eval.scorer import ATTRIBUTES, Scores, read_image
+from diffusiond.pipeline.request import GenerationRequest
+from diffusiond.pipeline.text2img import Job
+from diffusiond.training import dataset
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"colour": 0.90, "background": 0.90, "shape": 0.75, "position": 0.75}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    model: str = "builtin"  # "builtin", a model directory, or NAME=PATH
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    precision: str = ""  # what the backend must report it computes in (e.g. int8); empty: any
+    num_prompts: int = 200
+    split: str = "test"  # "test": held out from training; "validation": for choosing defaults
+    steps: int = 0  # 0: the model's default
+    guidance_scale: float | None = None  # None: the model's default
+    scheduler: str = ""  # empty: the model's default
+    seed: int = 0
+    batch_size: int = 16
+    clip_model: str = ""  # a local CLIP model directory, for CLIP score
+    save_images: str = ""  # a directory for the generated images and a contact sheet
+
+
+@dataclass
+class EvalReport:
+    settings: dict[str, Any]
+    model: str
+    backend: str
+    precision: str
+    device: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    num_prompts: int
+    scores: dict[str, float]
+    clip_score: float | None
+    seconds: float
+    images_per_second: float
+    targets: dict[str, float] = field(default_factory=lambda: dict(TARGETS))
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        head = (f"{self.model} on {self.backend} ({self.precision}, {self.device}), {self.scheduler}, "
+                f"{self.steps} steps, guidance {self.guidance_scale:g}, {self.num_prompts} held-out prompts"
+                if self.settings.get("split") == "test" else
+                f"{self.model} on {self.backend} ({self.precision}, {self.device}), {self.scheduler}, "
+                f"{self.steps} steps, guidance {self.guidance_scale:g}, {self.num_prompts} "
+                f"{self.settings.get('split')} prompts")
+        lines = [head, f"{'attribute':<12}{'accuracy':>10}{'target':>9}"]
+        for name in (*ATTRIBUTES, "all"):
+            target = TARGETS.get(name)
+            mark = "" if target is None else ("  ok" if self.scores[name] >= target else "  MISSED")
+            lines.append(f"{name:<12}{self.scores[name]:>10.1%}{'' if target is None else f'{target:>9.0%}'}{mark}")
+        if self.clip_score is not None:
+            lines.append(f"{'clip score':<12}{self.clip_score:>10.2f}")
+        lines.append(f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s)")
+        return "\n".join(lines)
+
+
+def backend_settings(settings: EvalSettings) -> BackendSettings:
+    return BackendSettings(device=settings.device, dtype=settings.dtype)
+
+
+def evaluate(settings: EvalSettings, progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Load the model, generate and score ``num_prompts`` prompts of the chosen split."""
+    from diffusiond.models.registry import load_model
+    from diffusiond.models.sources import ModelSource, resolve_model_dir
+
+    if settings.batch_size < 1:
+        raise InvalidArgument("batch_size", f"must be at least 1, got {settings.batch_size}")
+    scenes = _scenes(settings)
+    source = ModelSource.parse(settings.model)
+    model_dir = resolve_model_dir(source.location)
+    model = load_model(source.name, model_dir, settings.backend, backend_settings(settings))
+    try:
+        if settings.precision and model.backend.dtype_name != settings.precision:
+            raise FailedPrecondition(
+                f"{settings.model} on {settings.backend} computes in {model.backend.dtype_name}, "
+                f"not {settings.precision}"
+            )
+        return _run(settings, model, scenes, progress)
+    finally:
+        model.backend.close()
+
+
+def _scenes(settings: EvalSettings) -> list[dataset.Scene]:
+    try:
+        scenes = list(dataset.split(settings.split))
+    except ValueError as exc:
+        raise InvalidArgument("split", str(exc)) from None
+    if not 1 <= settings.num_prompts <= len(scenes):
+        raise InvalidArgument("num_prompts", f"must be between 1 and {len(scenes)}, got {settings.num_prompts}")
+    return scenes[: settings.num_prompts]
+
+
+def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
+         progress: Callable[[int, int], None] | None) -> EvalReport:
+    limits = model.limits
+    steps = settings.steps or limits.default_steps
+    guidance = limits.default_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+    scheduler = model.schedulers.resolve(settings.scheduler)
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+
+    clip = None
+    if settings.clip_model:
+        from diffusiond.eval.clip_score import ClipScorer
+
+        clip = ClipScorer(settings.clip_model)
+    image_dir = Path(settings.save_images) if settings.save_images else None
+    if image_dir is not None:
+        image_dir.mkdir(parents=True, exist_ok=True)
+
+    records: list[dict[str, Any]] = []
+    verdicts: list[dict[str, bool]] = []
+    images: list[np.ndarray] = []
+    clip_scores: list[float] = []
+    started = time.perf_counter()
+    for first in range(0, len(scenes), settings.batch_size):
+        chunk = scenes[first : first + settings.batch_size]
+        jobs = [
+            Job(GenerationRequest(
+                request_id=f"eval-{first + i}", model=model.name, prompt=scene.caption, negative_prompt="",
+                width=limits.default_width, height=limits.default_height, steps=steps,
+                guidance_scale=guidance, seed=settings.seed + first + i, num_images=1, scheduler=scheduler,
+            ))
+            for i, scene in enumerate(chunk)
+        ]
+        outcomes = model.pipeline.run(jobs)
+        batch_images = []
+        for i, (scene, outcome) in enumerate(zip(chunk, outcomes)):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            image = outcome.images_uint8()[0]
+            batch_images.append(image)
+            reading = read_image(image)
+            verdict = reading.matches(scene)
+            verdicts.append(verdict)
+            records.append({
+                "index": first + i, "prompt": scene.caption, "seed": settings.seed + first + i,
+                "expected": scene.as_dict(), "read": asdict(reading), "correct": verdict,
+            })
+            if image_dir is not None:
+                _save_png(image, image_dir / f"{first + i:04d}.png")
+        if clip is not None:
+            scores = clip.scores(batch_images, [scene.caption for scene in chunk])
+            clip_scores += scores
+            for record, score in zip(records[-len(chunk):], scores):
+                record["clip_score"] = round(score, 3)
+        images += batch_images
+        if progress is not None:
+            progress(len(records), len(scenes))
+    seconds = time.perf_counter() - started
+    if image_dir is not None:
+        _save_png(_contact_sheet(images), image_dir / "sheet.png")
+
+    return EvalReport(
+        settings=asdict(settings),
+        model=model.name,
+        backend=model.backend.name,
+        precision=model.backend.dtype_name,
+        device=str(model.backend.device),
+        scheduler=scheduler,
+        steps=steps,
+        guidance_scale=guidance,
+        num_prompts=len(scenes),
+        scores=Scores.tally(verdicts).as_dict(),
+        clip_score=None if clip is None else round(float(np.mean(clip_scores)), 3),
+        seconds=round(seconds, 2),
+        images_per_second=round(len(scenes) / seconds, 3),
+        prompts=records,
+    )
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+def _contact_sheet(images: list[np.ndarray], columns: int = 16) -> np.ndarray:
+    height, width, _ = images[0].shape
+    rows = -(-len(images) // columns)
+    sheet = np.full((rows * height, columns * width, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        sheet[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
+    return sheet
+
+
+def write_report(report: EvalReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")

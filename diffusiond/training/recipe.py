@@ -1,0 +1,130 @@
+"""What the built-in model is and how it is trained: architecture and hyper-parameters, in one place.
+
+The architecture is Stable Diffusion's (AutoencoderKL with four levels, so a
+latent factor of 8 and 4 latent channels; UNet2DConditionModel with
+cross-attention at every level but the lowest; a CLIP text encoder and a
+CLIP-format tokenizer), scaled down until the whole model trains on a 2-core
+CPU within an hour: 64x64 images, 8x8x4 latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusiond.models.synthetic import SD15_SCHEDULER_CONFIG
+
+BUILTIN_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (8, 16, 32, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 1,
+    # One group: on plain-coloured images, small groups normalise colour away.
+    "norm_num_groups": 1,
+    "sample_size": 64,
+}
+BUILTIN_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (64, 64, 64, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+BUILTIN_TEXT: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "projection_dim": 64,
+    "hidden_act": "quick_gelu",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights; the same recipe and seed give the same model."""
+
+    seed: int = 0
+    vae: dict[str, Any] = field(default_factory=lambda: dict(BUILTIN_VAE))
+    unet: dict[str, Any] = field(default_factory=lambda: dict(BUILTIN_UNET))
+    text: dict[str, Any] = field(default_factory=lambda: dict(BUILTIN_TEXT))
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD15_SCHEDULER_CONFIG))
+
+    # Stage 1: the autoencoder, alone: vae_crop_steps on crops, the rest on whole images.
+    vae_steps: int = 4300
+    vae_crop_steps: int = 4000
+    vae_crop: int = 32
+    vae_batch: int = 16
+    vae_lr: float = 5e-4
+    vae_warmup_steps: int = 50
+    kl_weight: float = 1e-6
+    # Stage 2: encode a pool of training images once (posterior mean and std), and
+    # derive the scaling factor that gives latents unit variance.
+    latent_pool_size: int = 16384
+    # Stage 3: UNet and text encoder together, on latents of the frozen autoencoder.
+    diffusion_steps: int = 2500
+    diffusion_batch: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    # Sampling defaults written into the model (diffusiond.json / scheduler_config.json).
+    default_scheduler_class: str = "DPMSolverMultistepScheduler"
+    default_steps: int = 20
+    default_guidance_scale: float = 4.0
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self) -> str:
+        """Identifies the recipe, so a checkpoint is never resumed under a different one."""
+        return _digest(self.as_dict())
+
+    def vae_fingerprint(self) -> str:
+        """Identifies what decides the autoencoder alone, so its stage can be reused by other recipes."""
+        return _digest({key: self.as_dict()[key] for key in VAE_FIELDS})
+
+
+VAE_FIELDS = ("seed", "vae", "vae_steps", "vae_crop_steps", "vae_crop", "vae_batch", "vae_lr", "vae_warmup_steps",
+              "kl_weight", "final_lr_fraction")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RECIPES: dict[str, Recipe] = {
+    "builtin": Recipe(),
+    # A few steps of a tiny model: shows the script works end to end (tests, smoke runs).
+    "micro": Recipe(
+        vae={**BUILTIN_VAE, "block_out_channels": (8, 8, 16, 16)},
+        unet={**BUILTIN_UNET, "block_out_channels": (32, 32, 32, 32), "cross_attention_dim": 32},
+        text={**BUILTIN_TEXT, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32},
+        vae_steps=3,
+        vae_crop_steps=1,
+        vae_batch=4,
+        vae_warmup_steps=1,
+        latent_pool_size=16,
+        diffusion_steps=4,
+        diffusion_batch=4,
+        warmup_steps=2,
+    ),
+}

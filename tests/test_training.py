@@ -1,0 +1,96 @@
+"""The training script on a micro recipe: it trains, resumes exactly, and writes a servable model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusiond.eval.run import EvalSettings, evaluate
+from diffusiond.models.config import load_model_config
+from diffusiond.models.registry import load_model
+from diffusiond.training.recipe import RECIPES
+from diffusiond.training.train import Trainer, main
+
+MICRO = RECIPES["micro"]
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"vae.{k}": v for k, v in trainer.vae.state_dict().items()}
+    state.update({f"unet.{k}": v for k, v in trainer.unet.state_dict().items()})
+    state.update({f"text.{k}": v for k, v in trainer.text_encoder.state_dict().items()})
+    state.update({f"ema.{i}": v for i, v in enumerate(trainer.ema)})
+    return state
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The micro recipe trained in one go."""
+    work = tmp_path_factory.mktemp("straight")
+    trainer = Trainer(MICRO, work, progress=False)
+    assert trainer.run()
+    return trainer
+
+
+def test_resumed_run_equals_uninterrupted_run(straight, tmp_path):
+    # A zero budget stops after every step with a checkpoint; each round starts a fresh Trainer from it.
+    rounds = 0
+    while not Trainer(MICRO, tmp_path, budget_s=0, progress=False).run():
+        rounds += 1
+        assert rounds < 20
+    assert rounds == MICRO.vae_steps - 1 + MICRO.diffusion_steps - 1
+    resumed = Trainer(MICRO, tmp_path, progress=False)
+    assert resumed.stage == "done"
+    assert resumed.scaling_factor == straight.scaling_factor
+    ours, theirs = _weights(resumed), _weights(straight)
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert different == []
+
+
+def test_training_changes_the_weights(straight, tmp_path):
+    fresh = Trainer(MICRO, tmp_path, progress=False)
+    trained, initial = _weights(straight), _weights(fresh)
+    assert not torch.equal(trained["unet.conv_in.weight"], initial["unet.conv_in.weight"])
+    assert not torch.equal(trained["vae.encoder.conv_in.weight"], initial["vae.encoder.conv_in.weight"])
+    assert all(np.isfinite(v).all() for v in straight.losses.values())
+
+
+def test_checkpoint_of_another_recipe_is_refused(straight, tmp_path):
+    Trainer(MICRO, tmp_path, budget_s=0, progress=False).run()
+    with pytest.raises(SystemExit, match="another recipe"):
+        Trainer(MICRO.replace(diffusion_steps=5), tmp_path, progress=False)
+
+
+def test_exported_model_serves_and_evaluates(straight, tmp_path):
+    out = tmp_path / "model"
+    straight.export(out)
+    config = load_model_config(out)
+    assert (config.vae_scale_factor, config.latent_channels, config.default_size) == (8, 4, 64)
+    assert config.scaling_factor == pytest.approx(straight.scaling_factor, rel=1e-4)
+    assert config.sampling_defaults.steps == MICRO.default_steps
+    assert json.loads((out / "training.json").read_text())["stage"] == "done"
+    from diffusiond.export.calibration import CalibrationSettings, for_model
+
+    prompts = for_model(CalibrationSettings(), out).prompts()
+    assert len(prompts) == 32 and all(p.endswith(("left", "right", "top", "bottom", "center")) for p in prompts)
+    model = load_model("micro", out)
+    assert model.schedulers.default_name == "dpmpp_2m"
+    assert model.limits.default_guidance_scale == MICRO.default_guidance_scale
+
+    report = evaluate(EvalSettings(model=f"micro={out}", num_prompts=3, steps=2, batch_size=2,
+                                   save_images=str(tmp_path / "images")))
+    assert report.num_prompts == 3 and len(report.prompts) == 3
+    assert set(report.scores) == {"colour", "background", "shape", "position", "size", "all"}
+    assert (report.backend, report.precision, report.steps) == ("torch", "fp32", 2)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["0000.png", "0001.png", "0002.png", "sheet.png"]
+
+
+def test_command_line_resumes_and_exports(tmp_path):
+    args = ["--recipe", "micro", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main([*args, "--budget-minutes", "0"]) == 3  # out of time: checkpointed, nothing exported
+    assert not (tmp_path / "out").exists()
+    assert main(args) == 0
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
