@@ -1,4 +1,4 @@
-"""``diffusiond``: serve | generate | models | create-model | export.
+"""``diffusiond``: serve | generate | models | create-model | export onnx | export tensorrt.
 
 Client commands import only the client; ``serve`` imports the inference stack
 when it runs, so ``diffusiond generate`` works where only the client is installed.
@@ -26,9 +26,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a diffusers-format model directory (repeatable; the first is the default). "
         "Default: the built-in model, created on first start.",
     )
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                        help="inference backend: torch (diffusers-format models) or onnxruntime "
-                        "(directories written by `diffusiond export onnx` or `optimum-cli export onnx`)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                        help="inference backend: torch (diffusers-format models), onnxruntime "
+                        "(directories written by `diffusiond export onnx` or `optimum-cli export onnx`), "
+                        "tensorrt (engines built by `diffusiond export tensorrt`, on a CUDA GPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="network precision; bf16 is fast only on CPUs with AVX512-BF16/AMX")
@@ -311,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_export_onnx_arguments(export_onnx)
     export_onnx.set_defaults(func=run_export_onnx)
+    from diffusiond.export import tensorrt_cli
+
+    export_trt = targets.add_parser(
+        "tensorrt", help="build TensorRT engines for this machine's GPU from an ONNX export"
+    )
+    tensorrt_cli.add_arguments(export_trt)
+    export_trt.set_defaults(func=tensorrt_cli.run)
     return parser
 
 
