@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from diffusiond.backends.base import BackendSettings
+from diffusiond.backends.torch_eager import resolve_device
 from diffusiond.errors import FailedPrecondition
 from diffusiond.export.tensorrt_build import (
     EngineManifest,
@@ -115,7 +116,9 @@ class EngineRunner:
                     self.batched.add(name)
             else:  # a static input has no profile: its one shape is the range
                 self.bounds[name] = (shape, shape)
-        expected = FEEDS[network]
+        expected = FEEDS.get(network)
+        if expected is None:
+            raise FailedPrecondition(f"{path}: {network} is not a network diffusiond runs ({', '.join(FEEDS)})")
         if sorted(self.inputs) != sorted(expected):
             raise FailedPrecondition(
                 f"{path}: the engine's inputs are {', '.join(self.inputs)}; the {network} takes "
@@ -171,7 +174,7 @@ class TensorRTBackend:
     def __init__(self, model_dir: Path, settings: BackendSettings) -> None:
         trt = import_tensorrt()
         manifest = EngineManifest.read(model_dir)
-        device = torch.device(settings.device if settings.device.startswith("cuda") else "cuda")
+        device = resolve_device(settings.device if settings.device.startswith("cuda") else "cuda")
         if settings.device != str(device):
             log.info("the tensorrt backend runs on %s (--device %s asked for)", device, settings.device)
         machine = MachineInfo.current(str(device))
