@@ -1,4 +1,4 @@
-"""``diffusiond``: serve | generate | models | create-model | export | eval.
+"""``diffusiond``: serve | generate | models | create-model | export onnx | export tensorrt | eval.
 
 Client commands import only the client; ``serve`` imports the inference stack
 when it runs, so ``diffusiond generate`` works where only the client is installed.
@@ -26,9 +26,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a diffusers-format model directory (repeatable; the first is the default). "
         "Default: the built-in model, created on first start.",
     )
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                        help="inference backend: torch (diffusers-format models) or onnxruntime "
-                        "(directories written by `diffusiond export onnx` or `optimum-cli export onnx`)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                        help="inference backend: torch (diffusers-format models), onnxruntime "
+                        "(directories written by `diffusiond export onnx` or `optimum-cli export onnx`), "
+                        "tensorrt (engines built by `diffusiond export tensorrt`, on a CUDA GPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="network precision; bf16 is fast only on CPUs with AVX512-BF16/AMX")
@@ -289,8 +290,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults are EvalSettings'; it is not imported here, so client commands never load torch.
     parser.add_argument("--model", default="builtin", metavar="[NAME=]PATH",
                         help="model directory (diffusers or exported layout); default: the built-in model")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                        help="inference backend; onnxruntime needs --model to name an ONNX export")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                        help="inference backend; onnxruntime needs --model to name an ONNX export, "
+                             "tensorrt a directory of engines (diffusiond export tensorrt)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="precision the torch backend computes in")
@@ -374,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_export_onnx_arguments(export_onnx)
     export_onnx.set_defaults(func=run_export_onnx)
+    from diffusiond.export import tensorrt_cli
+
+    export_trt = targets.add_parser(
+        "tensorrt", help="build TensorRT engines for this machine's GPU from an ONNX export"
+    )
+    tensorrt_cli.add_arguments(export_trt)
+    export_trt.set_defaults(func=tensorrt_cli.run)
     evaluate = sub.add_parser(
         "eval", help="generate the shapes data set's held-out prompts and score them (in-process, no server)"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 from diffusiond.backends.base import Backend, BackendSettings
 from diffusiond.errors import NotFound
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def create_backend(name: str, model_dir: Path, settings: BackendSettings) -> Backend:
@@ -19,4 +19,8 @@ def create_backend(name: str, model_dir: Path, settings: BackendSettings) -> Bac
         from diffusiond.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(model_dir, settings)
+    if name == "tensorrt":
+        from diffusiond.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(model_dir, settings)
     raise NotFound(f"backend {name!r} is not available; choose one of: {', '.join(BACKENDS)}")

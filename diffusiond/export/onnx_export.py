@@ -30,7 +30,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -58,6 +57,7 @@ from diffusiond.export.manifest import (
     read_manifest,
 )
 from diffusiond.export.progress import Progress
+from diffusiond.export.staging import staged
 from diffusiond.models.config import SERVING_DEFAULTS_FILE, load_model_config, read_json
 from diffusiond.models.descriptors import (
     COMPONENTS,
@@ -195,8 +195,7 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
     _check_replaceable(out, existing, options.force)
 
     descriptors = sd_descriptors(dims)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged(out) as staging:
         samples: list | None = None
         calibration_info: dict[str, Any] | None = None
         range_cache: Path | None = None
@@ -244,10 +243,6 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
                 timings_s={k: round(v, 2) for k, v in progress.durations.items()},
             )
             manifest.write(staging)
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     total = sum(c.bytes for c in manifest.components.values())
     log.info("exported %s -> %s (%s, %.1f MB) in %.1fs", source, out, options.precision, total / 1e6, progress.elapsed)
     return ExportResult(out, manifest, reused=False)
@@ -294,17 +289,6 @@ def _check_replaceable(out: Path, existing: Manifest | None, force: bool) -> Non
         raise FailedPrecondition(f"output {out} is a non-empty directory that holds no export; choose another --out")
     if not force:
         raise FailedPrecondition(f"output {out} holds a model without a diffusiond manifest; pass --force to replace it")
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
