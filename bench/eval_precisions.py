@@ -14,6 +14,7 @@ the same prompt and seed (an INT8 calibration that hurts shows in both).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -65,16 +66,16 @@ def main() -> int:
 
     reports: list[tuple[str, EvalReport]] = []
     for label, settings in configurations(work):
-        settings = EvalSettings(**{**settings.__dict__, "num_prompts": args.num_prompts})
+        settings = dataclasses.replace(settings, num_prompts=args.num_prompts)
         report = evaluate(settings)
         log.info("%s: %s", label, report.scores)
         reports.append((label, report))
     reference = reports[0][1]
 
-    first = reference
     lines = [
-        f"{first.num_prompts} held-out prompts, {first.scheduler}, {first.steps} steps, guidance "
-        f"{first.guidance_scale:g}, seeds 0..{first.num_prompts - 1}; {platform.processor() or platform.machine()}",
+        f"{reference.num_prompts} held-out prompts, {reference.scheduler}, {reference.steps} steps, guidance "
+        f"{reference.guidance_scale:g}, seeds 0..{reference.num_prompts - 1}; "
+        f"{platform.processor() or platform.machine()}",
         "",
         "| backend, precision | " + " | ".join(ATTRIBUTES) + " | all four | reads as eager fp32 | s/image |",
         "|---|" + "---:|" * (len(ATTRIBUTES) + 3),

@@ -145,17 +145,8 @@ class Checks:
         """Time one UNet step and one image on a loaded model; return (row, UNet output on ``inputs``)."""
         import torch
 
-        from diffusiond.pipeline.text2img import Job
-
-        class Quiet:
-            def stop_reason(self):
-                return None
-
-            def on_started(self, info):
-                pass
-
-            def on_step(self, info):
-                pass
+        from diffusiond.eval.compare import psnr
+        from diffusiond.pipeline.text2img import Job, NullObserver
 
         backend = model.backend
         with torch.inference_mode():
@@ -163,7 +154,7 @@ class Checks:
             step_s, step_runs = cuda_timed(lambda: backend.unet(*inputs), case.unet_repeats)
 
             def generate():
-                (result,) = model.pipeline.run([Job(self.request(case), Quiet())])
+                (result,) = model.pipeline.run([Job(self.request(case), NullObserver())])
                 generate.image = result.images_uint8()
 
             generate()  # warm-up: kernels, caches, allocator
@@ -355,13 +346,6 @@ class Checks:
         (out / "gpu_checks.md").write_text(text)
         sys.stdout.write(text)
         return info
-
-
-def psnr(a, b) -> float:
-    import numpy as np
-
-    mse = ((a.astype(float) - b.astype(float)) ** 2).mean()
-    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
 
 
 def tensorrt_absent_reason() -> tuple[str | None, str | None]:

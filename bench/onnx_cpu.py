@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,31 +58,6 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times), times
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(float) - b.astype(float)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
-class LastLatents:
-    def __init__(self) -> None:
-        self.latents = None
-
-    def stop_reason(self):
-        return None
-
-    def on_started(self, info) -> None:
-        pass
-
-    def on_step(self, info) -> None:
-        if info.preview is not None:
-            self.latents = info.preview
 
 
 def machine() -> dict[str, str]:
@@ -162,7 +136,8 @@ class Bench:
 
         from diffusiond.backends.base import BackendSettings
         from diffusiond.models.registry import load_model
-        from diffusiond.pipeline.text2img import Job
+        from diffusiond.eval.compare import cosine, psnr
+        from diffusiond.pipeline.text2img import Job, LastLatentsObserver
 
         settings = BackendSettings(dtype=dtype, threads=self.args.threads)
         model = load_model("bench", model_dir, backend, settings)
@@ -173,7 +148,7 @@ class Bench:
         e2e_s, runs = float("nan"), []
         if e2e:
             def generate():
-                observer = LastLatents()
+                observer = LastLatentsObserver()
                 (result,) = model.pipeline.run([Job(self.request(), observer)])
                 generate.latents, generate.image = observer.latents, result.images_uint8()
 

@@ -15,7 +15,8 @@ from diffusiond.cli import main
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.models.registry import load_model
 from diffusiond.pipeline.request import GenerationRequest, PreviewKind, PreviewSpec
-from diffusiond.pipeline.text2img import Job
+from diffusiond.eval.compare import cosine, psnr
+from diffusiond.pipeline.text2img import Job, LastLatentsObserver
 from diffusiond.training.dataset import held_out_prompts
 
 # Same seed, same request, the built-in model on the CPU (8-bit images, PSNR over all pixels):
@@ -34,23 +35,6 @@ TINY_FP16_MAX_SIZE_RATIO = 0.58
 TINY_INT8_MAX_SIZE_RATIO = 0.50
 
 
-class LastLatents:
-    """Observer keeping the LATENT preview of the last step (the final latents)."""
-
-    def __init__(self) -> None:
-        self.latents: np.ndarray | None = None
-
-    def stop_reason(self):
-        return None
-
-    def on_started(self, info) -> None:
-        pass
-
-    def on_step(self, info) -> None:
-        if info.preview is not None:
-            self.latents = info.preview
-
-
 def request(scheduler: str = "dpmpp_2m", **fields) -> GenerationRequest:
     """A prompt the built-in model knows, at its default guidance (4)."""
     base = dict(
@@ -64,19 +48,9 @@ def request(scheduler: str = "dpmpp_2m", **fields) -> GenerationRequest:
 
 
 def run(pipeline, req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
-    observer = LastLatents()
+    observer = LastLatentsObserver()
     (result,) = pipeline.run([Job(req, observer)])
     return result.images_uint8(), observer.latents
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = ((a.astype(float) - b.astype(float)) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

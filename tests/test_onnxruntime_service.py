@@ -6,20 +6,20 @@ and to one serving the built-in model's fp32 ONNX export under the same name.
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from diffusiond.backends.base import BackendSettings
 from diffusiond.client import ClientError, DiffusionClient, build_request, tensor_to_numpy
+from diffusiond.eval.compare import psnr as image_psnr
 from diffusiond.models.sources import ModelSource
 from diffusiond.server.app import ServerSettings, ServerThread
 from conftest import CountingBackend, running_server
+from images import pixels
 
 MIN_PSNR_DB = 45.0  # fp32 ONNX Runtime vs fp32 PyTorch, 8-bit images
 WAIT_S = 30.0
@@ -41,13 +41,8 @@ def ort_client(ort_server) -> Iterator[DiffusionClient]:
         yield c
 
 
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=float)
-
-
 def psnr(a: bytes, b: bytes) -> float:
-    mse = ((pixels(a) - pixels(b)) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+    return image_psnr(pixels(a), pixels(b))
 
 
 def test_generate_matches_eager(client, ort_client):
@@ -94,7 +89,7 @@ def test_stream_events_match_eager(client, ort_client, preview):
             assert mine.shape == theirs.shape == (2, 4, 8, 8)
             assert np.abs(mine - theirs).max() <= 1e-4 * np.abs(theirs).max() + 1e-4
         for p, q in zip(o.previews, e.previews):
-            assert np.abs(pixels(p.data) - pixels(q.data)).mean() < 2.0  # JPEG of nearly equal pixels
+            assert np.abs(pixels(p.data).astype(float) - pixels(q.data)).mean() < 2.0  # JPEG of nearly equal pixels
     for a, b in zip(ours[-1].result.images, eager[-1].result.images):
         assert psnr(a.data, b.data) >= MIN_PSNR_DB
 

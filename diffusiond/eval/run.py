@@ -71,12 +71,10 @@ class EvalReport:
         return asdict(self)
 
     def table(self) -> str:
+        split = self.settings.get("split")
+        which = "held-out" if split == "test" else split
         head = (f"{self.model} on {self.backend} ({self.precision}, {self.device}), {self.scheduler}, "
-                f"{self.steps} steps, guidance {self.guidance_scale:g}, {self.num_prompts} held-out prompts"
-                if self.settings.get("split") == "test" else
-                f"{self.model} on {self.backend} ({self.precision}, {self.device}), {self.scheduler}, "
-                f"{self.steps} steps, guidance {self.guidance_scale:g}, {self.num_prompts} "
-                f"{self.settings.get('split')} prompts")
+                f"{self.steps} steps, guidance {self.guidance_scale:g}, {self.num_prompts} {which} prompts")
         lines = [head, f"{'attribute':<12}{'accuracy':>10}{'target':>9}"]
         for name in (*ATTRIBUTES, "all"):
             target = TARGETS.get(name)

@@ -69,6 +69,17 @@ class NullObserver:
         pass
 
 
+class LastLatentsObserver(NullObserver):
+    """Keeps the last LATENT preview it sees: with previews every N >= steps, the final latents."""
+
+    def __init__(self) -> None:
+        self.latents: np.ndarray | None = None
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.preview is not None:
+            self.latents = info.preview
+
+
 class BatchObserver(Protocol):
     """Batch-wide hooks (metrics); called from the pipeline's thread, must not block."""
 
