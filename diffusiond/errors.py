@@ -30,6 +30,17 @@ class ResourceExhausted(DiffusiondError):
     """The queue is full, or the work does not fit in memory."""
 
 
+class OutOfMemory(MemoryError):
+    """A network call did not fit in device (or host) memory.
+
+    The one out-of-memory exception: every backend raises it, whatever its
+    runtime reports (``torch.OutOfMemoryError``, an ONNX Runtime allocation
+    failure, a TensorRT allocation failure), so the pipeline can retry the call
+    with fewer rows. It is a ``MemoryError``, which maps to RESOURCE_EXHAUSTED
+    when it reaches a client.
+    """
+
+
 class FailedPrecondition(DiffusiondError):
     """The request is valid, but this model or machine cannot serve it
     (e.g. an engine built for another GPU, a shape outside its profile)."""
