@@ -25,9 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from diffusiond.models.builtin import ensure_builtin_model  # noqa: E402
-from diffusiond.models.registry import load_model  # noqa: E402
-from diffusiond.pipeline.request import GenerationRequest  # noqa: E402
-from diffusiond.pipeline.text2img import Job  # noqa: E402
+from diffusiond.service.models import load_model  # noqa: E402
+from diffusiond.service.resolver import GenerationParams, resolve  # noqa: E402
 
 
 def unet_inputs(model, n: int, seed: int = 0):
@@ -93,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v:.3g}" for k, v in sorted(leaf_differences(model, n).items()) if v > 0))
 
     requests = [
-        GenerationRequest(f"r{i}", "m", f"prompt {i}", "", model.limits.default_width, model.limits.default_height,
-                          args.steps, 7.5, 100 + i, 1, "ddim")
+        resolve(GenerationParams(prompt=f"prompt {i}", steps=args.steps, guidance_scale=7.5, seed=100 + i,
+                                 scheduler="ddim", request_id=f"r{i}"), model)
         for i in range(n)
     ]
-    together = model.pipeline.run([Job(r) for r in requests])
+    together = model.pipeline.generate_together(requests)
     levels = []
     for request, result in zip(requests, together):
         solo = model.pipeline.generate(request)

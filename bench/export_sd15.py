@@ -33,7 +33,7 @@ def main() -> int:
 
     from diffusiond.export.onnx_export import ExportOptions, export_onnx
     from diffusiond.models.descriptors import ShapeProfile
-    from diffusiond.models.registry import load_model
+    from diffusiond.service.models import load_model
     from diffusiond.models.synthetic import write_sd_model
 
     work = Path(args.work)

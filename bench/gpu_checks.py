@@ -132,21 +132,20 @@ class Checks:
         context = torch.randn(2, 77, context_dim, generator=g).cuda()
         return sample, timestep, context
 
-    def request(self, case: Case):
-        from diffusiond.pipeline.request import GenerationRequest
+    def request(self, case: Case, model):
+        from diffusiond.service.resolver import GenerationParams, resolve
 
-        return GenerationRequest(
-            request_id="gpu-checks", model=case.name, prompt="a red fox in the snow", negative_prompt="",
-            width=case.size, height=case.size, steps=case.steps, guidance_scale=7.5, seed=42,
-            num_images=1, scheduler="ddim",
+        params = GenerationParams(
+            request_id="gpu-checks", prompt="a red fox in the snow", width=case.size, height=case.size,
+            steps=case.steps, guidance_scale=7.5, seed=42, scheduler="ddim",
         )
+        return resolve(params, model)
 
     def measure(self, case: Case, label: str, model, inputs, reference=None) -> tuple[dict, object]:
         """Time one UNet step and one image on a loaded model; return (row, UNet output on ``inputs``)."""
         import torch
 
         from diffusiond.eval.compare import psnr
-        from diffusiond.pipeline.text2img import Job, NullObserver
 
         backend = model.backend
         with torch.inference_mode():
@@ -154,7 +153,7 @@ class Checks:
             step_s, step_runs = cuda_timed(lambda: backend.unet(*inputs), case.unet_repeats)
 
             def generate():
-                (result,) = model.pipeline.run([Job(self.request(case), NullObserver())])
+                result = model.pipeline.generate(self.request(case, model))
                 generate.image = result.images_uint8()
 
             generate()  # warm-up: kernels, caches, allocator
@@ -187,7 +186,7 @@ class Checks:
 
     def eager(self, case: Case, model_dir: Path, dtype: str, inputs, reference=None):
         from diffusiond.backends.base import BackendSettings
-        from diffusiond.models.registry import load_model
+        from diffusiond.service.models import load_model
 
         model = load_model(case.name, model_dir, "torch", BackendSettings(device="cuda", dtype=dtype))
         try:
@@ -219,7 +218,7 @@ class Checks:
 
         from diffusiond.backends.base import BackendSettings
         from diffusiond.export.tensorrt_build import EngineBuildOptions, build_engines
-        from diffusiond.models.registry import load_model
+        from diffusiond.service.models import load_model
 
         started = time.perf_counter()
         options = EngineBuildOptions(precision="fp16", workspace_gib=self.args.workspace_gib,

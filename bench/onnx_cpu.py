@@ -92,15 +92,16 @@ class Bench:
         return (torch.randn(2, 4, h, h, generator=g), torch.full((2,), 501.0),
                 torch.randn(2, 77, self.text_width, generator=g))
 
-    def request(self):
-        from diffusiond.pipeline.request import GenerationRequest, PreviewKind, PreviewSpec
+    def request(self, model):
+        from diffusiond.pipeline.request import PreviewKind
+        from diffusiond.service.resolver import GenerationParams, PreviewParams, resolve
 
-        return GenerationRequest(
-            request_id="bench", model="bench", prompt=self.args.prompt, negative_prompt="",
-            width=self.args.size, height=self.args.size, steps=self.args.steps, guidance_scale=7.5, seed=42,
-            num_images=1, scheduler=self.args.scheduler,
-            preview=PreviewSpec(PreviewKind.LATENT, every_n_steps=10_000),
+        params = GenerationParams(
+            request_id="bench", prompt=self.args.prompt, width=self.args.size, height=self.args.size,
+            steps=self.args.steps, guidance_scale=7.5, seed=42, scheduler=self.args.scheduler,
+            preview=PreviewParams(PreviewKind.LATENT, every_n_steps=self.args.steps),
         )
+        return resolve(params, model)
 
     # -- configurations ---------------------------------------------------------------------
 
@@ -135,9 +136,9 @@ class Bench:
         import torch
 
         from diffusiond.backends.base import BackendSettings
-        from diffusiond.models.registry import load_model
         from diffusiond.eval.compare import cosine, psnr
-        from diffusiond.pipeline.text2img import Job, LastLatentsObserver
+        from diffusiond.pipeline.observers import LastLatentsObserver
+        from diffusiond.service.models import load_model
 
         settings = BackendSettings(dtype=dtype, threads=self.args.threads)
         model = load_model("bench", model_dir, backend, settings)
@@ -149,7 +150,7 @@ class Bench:
         if e2e:
             def generate():
                 observer = LastLatentsObserver()
-                (result,) = model.pipeline.run([Job(self.request(), observer)])
+                result = model.pipeline.generate(self.request(model), observer)
                 generate.latents, generate.image = observer.latents, result.images_uint8()
 
             if warm:

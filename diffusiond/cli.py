@@ -36,9 +36,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting before new ones get RESOURCE_EXHAUSTED")
     parser.add_argument("--max-batch-size", type=int, default=1,
-                        help="most images per UNet batch; compatible requests share one (1: no batching)")
+                        help="most images denoised together in one UNet call (1: no batching)")
+    parser.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                        help="continuous: queued requests of the same model and size join the running ones at "
+                        "every step; static: a batch of requests with the same size, steps and scheduler "
+                        "starts and finishes together (for comparison)")
     parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
-                        help="how long the oldest queued request waits for compatible company")
+                        help="how long the oldest queued request waits for company when nothing is running")
     parser.add_argument("--max-size", type=int, default=2048, help="largest width/height accepted, in pixels")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds accepted requests get to finish on shutdown")
@@ -78,7 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from diffusiond.errors import DiffusiondError
     from diffusiond.models.sources import ModelSource
     from diffusiond.server.app import ServerSettings
-    from diffusiond.server.engine import EngineSettings
+    from diffusiond.service.batcher import BatcherSettings
 
     if args.threads > 0:
         import torch
@@ -103,10 +107,11 @@ def run_serve(args: argparse.Namespace) -> int:
                     trt_cache_dir=args.trt_cache_dir,
                 ),
             ),
-            engine=EngineSettings(
+            batcher=BatcherSettings(
                 max_queue=args.max_queue,
                 max_batch_size=args.max_batch_size,
                 max_batch_delay_ms=args.max_batch_delay_ms,
+                batching=args.batching,
             ),
             max_size=args.max_size,
             grace_period_s=args.grace_period,

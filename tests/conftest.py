@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffusiond.client import DiffusionClient
+from diffusiond.errors import OutOfMemory
 from diffusiond.models.builtin import ensure_builtin_model
 from diffusiond.models.sources import ModelSource
 from diffusiond.server.app import ServerSettings, ServerThread
@@ -42,7 +43,7 @@ class CountingBackend:
 
 class FaultyBackend:
     """Wraps a backend: records each network call's batch rows, can hold a UNet call, and can
-    raise out-of-memory errors the way PyTorch does on a GPU (``torch.OutOfMemoryError``)."""
+    run out of memory the way every backend reports it (``diffusiond.errors.OutOfMemory``)."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -59,9 +60,9 @@ class FaultyBackend:
         self.ooms = 0
         self.before_unet = self.unet_oom = self.decode_oom = None
 
-    def _oom(self, what: str) -> torch.OutOfMemoryError:
+    def _oom(self, what: str) -> OutOfMemory:
         self.ooms += 1
-        return torch.OutOfMemoryError(f"CUDA out of memory in {what} (injected by the test)")
+        return OutOfMemory(f"CUDA out of memory in {what} (injected by the test)")
 
     def unet(self, sample, timestep, encoder_hidden_states):
         if self.before_unet is not None:

@@ -42,7 +42,7 @@ def test_async_deadline(server):
     with pytest.raises(ClientError) as info:
         run(main())
     assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert server.server.engine.wait_idle(30)
+    assert server.server.batcher.wait_idle(30)
 
 
 def test_metadata_request_id(server, client):

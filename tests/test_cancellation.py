@@ -37,7 +37,7 @@ def hold(server, counting):
         def hook(call: int) -> None:
             if call == state.start + n:
                 state.reached.set()
-                running = server.server.engine.running
+                running = server.server.batcher.running
                 assert running and running[0].wait_cancelled(WAIT_S), "the server never saw the cancel"
 
         counting.before_unet = hook
@@ -55,7 +55,7 @@ def test_cancelled_stream_stops_within_one_step(client, server, counting, hold):
             if event.WhichOneof("event") == "step" and event.step.step == CANCEL_AT_STEP:
                 stream.cancel()
     assert info.value.code is grpc.StatusCode.CANCELLED
-    assert server.server.engine.wait_idle(WAIT_S)
+    assert server.server.batcher.wait_idle(WAIT_S)
     # Steps 1..3 ran, step 4 was in flight when the cancel arrived, nothing after it.
     assert state.calls_since(counting) == CANCEL_AT_STEP + 1
     assert client.generate("a fox", seed=1, steps=2).images  # the next request is served normally
@@ -67,7 +67,7 @@ def test_cancelled_generate_stops_within_one_step(client, server, counting, hold
     assert state.reached.wait(WAIT_S)
     call.cancel()
     assert call.cancelled()
-    assert server.server.engine.wait_idle(WAIT_S)
+    assert server.server.batcher.wait_idle(WAIT_S)
     assert state.calls_since(counting) == CANCEL_AT_STEP + 1
     assert client.generate("a fox", seed=2, steps=2).images
 
@@ -77,6 +77,6 @@ def test_deadline_stops_the_work(client, server, counting):
     with pytest.raises(ClientError) as info:
         client.generate("a fox", seed=3, steps=200, timeout=0.5)
     assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert server.server.engine.wait_idle(WAIT_S)
+    assert server.server.batcher.wait_idle(WAIT_S)
     assert counting.unet_calls - start < 200  # stopped long before the end
     assert client.generate("a fox", seed=3, steps=2).images

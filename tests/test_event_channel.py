@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from diffusiond.pipeline.request import PreviewKind, StepInfo
-from diffusiond.server.engine import EventChannel
+from diffusiond.service.batcher import EventChannel
 
 
 def step(n: int, with_preview: bool) -> StepInfo:

@@ -37,12 +37,12 @@ def test_not_serving_until_loaded_then_grace_period_ends_leftovers(builtin_dir):
             assert health(thread.address) == health_pb2.HealthCheckResponse.SERVING
             model = thread.server.registry.get("builtin")
             backend = model.pipeline.backend = FaultyBackend(model.pipeline.backend)
-            engine = thread.server.engine
+            batcher = thread.server.batcher
             in_flight = threading.Event()
 
             def hold_until_stopped(sample) -> None:
                 in_flight.set()
-                assert engine.running[0].wait_cancelled(WAIT_S)  # shutdown aborts it
+                assert batcher.running[0].wait_cancelled(WAIT_S)  # shutdown aborts it
 
             backend.before_unet = hold_until_stopped
             call = client._stub.Generate.future(build_request("a long one", seed=2, steps=50), timeout=WAIT_S)

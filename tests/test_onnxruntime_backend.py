@@ -13,10 +13,10 @@ from diffusiond.backends.base import BackendSettings, OnnxRuntimeOptions
 from diffusiond.backends.onnxruntime import choose_providers
 from diffusiond.cli import main
 from diffusiond.errors import FailedPrecondition, InvalidArgument
-from diffusiond.models.registry import load_model
+from diffusiond.service.models import load_model
 from diffusiond.pipeline.request import GenerationRequest, PreviewKind, PreviewSpec
 from diffusiond.eval.compare import cosine, psnr
-from diffusiond.pipeline.text2img import Job, LastLatentsObserver
+from diffusiond.pipeline.observers import LastLatentsObserver
 from diffusiond.training.dataset import held_out_prompts
 
 # Same seed, same request, the built-in model on the CPU (8-bit images, PSNR over all pixels):
@@ -49,7 +49,7 @@ def request(scheduler: str = "dpmpp_2m", **fields) -> GenerationRequest:
 
 def run(pipeline, req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
     observer = LastLatentsObserver()
-    (result,) = pipeline.run([Job(req, observer)])
+    result = pipeline.generate(req, observer)
     return result.images_uint8(), observer.latents
 
 

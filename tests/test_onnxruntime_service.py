@@ -122,7 +122,7 @@ def test_cancelled_stream_stops_within_one_step(ort_client, ort_server):
     def hook(call: int) -> None:  # hold the 4th call until the server has seen the cancel
         if call == start + 4:
             reached.set()
-            running = ort_server.server.engine.running
+            running = ort_server.server.batcher.running
             assert running and running[0].wait_cancelled(WAIT_S)
 
     counting.before_unet = hook
@@ -133,7 +133,7 @@ def test_cancelled_stream_stops_within_one_step(ort_client, ort_server):
                 if event.WhichOneof("event") == "step" and event.step.step == 3:
                     stream.cancel()
         assert info.value.code is grpc.StatusCode.CANCELLED
-        assert ort_server.server.engine.wait_idle(WAIT_S)
+        assert ort_server.server.batcher.wait_idle(WAIT_S)
         # Steps 1-3 ran; step 4's call may have started before the cancel landed, nothing after it.
         assert counting.unet_calls - start in (3, 4)
     finally:
@@ -147,7 +147,7 @@ def test_deadline_stops_the_work(ort_client, ort_server):
     with pytest.raises(ClientError) as info:
         ort_client.generate("a fox", seed=3, steps=200, timeout=0.3)
     assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert ort_server.server.engine.wait_idle(WAIT_S)
+    assert ort_server.server.batcher.wait_idle(WAIT_S)
     assert counting.unet_calls - start < 200
 
 

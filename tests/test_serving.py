@@ -21,7 +21,7 @@ from images import assert_same_image
 from diffusiond.client import ClientError, DiffusionClient, build_request
 from diffusiond.models.sources import ModelSource
 from diffusiond.server.app import ServerSettings, ServerThread
-from diffusiond.server.engine import EngineSettings
+from diffusiond.service.batcher import BatcherSettings
 
 BATCH_IMAGES = 4
 MAX_QUEUE = 4
@@ -34,7 +34,7 @@ def batch_server(builtin_dir) -> Iterator[ServerThread]:
         host="127.0.0.1",
         port=0,
         models=[ModelSource("builtin", str(builtin_dir))],
-        engine=EngineSettings(max_queue=MAX_QUEUE, max_batch_size=BATCH_IMAGES, max_batch_delay_ms=30_000),
+        batcher=BatcherSettings(max_queue=MAX_QUEUE, max_batch_size=BATCH_IMAGES, max_batch_delay_ms=30_000),
         result_cache_bytes=8 * 1024 * 1024,
         metrics_port=0,
     )
@@ -123,7 +123,7 @@ def test_batched_requests_match_their_solo_runs(bclient, client, faulty):
 
 
 def test_full_queue_refuses_at_once_and_withdrawn_requests_never_run(bclient, batch_server, faulty):
-    engine = batch_server.server.engine
+    batcher = batch_server.server.batcher
     gate = Gate()
     faulty.before_unet = gate
     fields = dict(steps=2, scheduler="ddim", num_images=BATCH_IMAGES)
@@ -137,7 +137,7 @@ def test_full_queue_refuses_at_once_and_withdrawn_requests_never_run(bclient, ba
         assert first.WhichOneof("event") == "queued" and first.queued.position == i + 1  # the running batch counts one
         streams.append(stream)
         events.append(it)
-    assert engine.queue_depth == MAX_QUEUE
+    assert batcher.queue_depth == MAX_QUEUE
     with pytest.raises(ClientError) as refused:
         bclient.generate("one too many", seed=5, **fields)
     assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -154,13 +154,13 @@ def test_full_queue_refuses_at_once_and_withdrawn_requests_never_run(bclient, ba
     assert running.result(WAIT_S).images
     for it in events[1:]:
         assert kinds(list(it))[-1] == "result"
-    assert engine.wait_idle(WAIT_S)
+    assert batcher.wait_idle(WAIT_S)
     # The running batch and three queued ones ran, two UNet calls each; the withdrawn two never did.
     assert faulty.unet_rows == [2 * BATCH_IMAGES] * 2 * 4
 
 
 def test_cancel_while_running_leaves_the_batch_at_the_next_step(bclient, client, batch_server, faulty):
-    engine = batch_server.server.engine
+    batcher = batch_server.server.batcher
     fields = dict(steps=8, scheduler="ddim", num_images=2)
     reached = threading.Event()
     calls = []
@@ -169,7 +169,7 @@ def test_cancel_while_running_leaves_the_batch_at_the_next_step(bclient, client,
         calls.append(sample.shape[0])
         if len(calls) == 4:  # step 4 is in flight when the cancel lands
             reached.set()
-            handle = next(h for h in engine.running if h.request.request_id == "cancel-me")
+            handle = next(h for h in batcher.running if h.request.request_id == "cancel-me")
             assert handle.wait_cancelled(WAIT_S)
 
     faulty.before_unet = hold_fourth_call
@@ -283,8 +283,8 @@ def test_metrics_endpoint_counts_what_happened(bclient, batch_server, faulty):
     assert delta("diffusiond_request_duration_seconds_count", method="Generate") == 3
     assert delta("diffusiond_queue_wait_seconds_count", model="builtin") == 1
     assert delta("diffusiond_inference_seconds_count", model="builtin") == 1
-    assert delta("diffusiond_batch_size_count", model="builtin") == 1
-    assert delta("diffusiond_batch_images_sum", model="builtin") == BATCH_IMAGES
+    assert delta("diffusiond_batch_size_count", model="builtin") == 3  # observed at every denoising step
+    assert delta("diffusiond_batch_images_sum", model="builtin") == 3 * BATCH_IMAGES
     assert delta("diffusiond_denoising_steps_total", model="builtin") == 3 * BATCH_IMAGES
     assert after[("diffusiond_denoising_steps_per_second", frozenset({("model", "builtin")}))] > 0
     assert delta("diffusiond_cache_hits_total", cache="result", model="builtin") == 1

@@ -31,7 +31,7 @@ from diffusiond.export.tensorrt_build import (
     plan_engines,
 )
 from diffusiond.models.descriptors import COMPONENTS, Range, ShapeProfile
-from diffusiond.models.registry import load_model
+from diffusiond.service.models import load_model
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 needs_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT and a CUDA GPU are not available")

@@ -10,7 +10,7 @@ import torch
 
 from diffusiond.eval.run import EvalSettings, evaluate
 from diffusiond.models.config import load_model_config
-from diffusiond.models.registry import load_model
+from diffusiond.service.models import load_model
 from diffusiond.training.recipe import RECIPES
 from diffusiond.training.train import Trainer, main
 

@@ -13,7 +13,8 @@ import pytest
 from diffusiond.client import ClientError, DiffusionClient
 from diffusiond.models.sources import ModelSource
 from diffusiond.pipeline.request import GenerationRequest, GenerationResult, Timings
-from diffusiond.server import convert, transport
+from diffusiond.server import codec, transport
+from diffusiond.service.outputs import encode_result
 from diffusiond.server.app import ServerSettings, ServerThread
 
 LONG_PROMPT = "a red fox in the snow " * 180  # 3960 characters: compresses to almost nothing
@@ -122,10 +123,9 @@ def test_responses_over_the_send_limit_fail_clearly(builtin_dir):
 def test_send_limit_bound_holds_for_the_worst_case_answer():
     size, images = 128, 3
     worst_text = "\U0001f98a" * 4096  # 4-byte characters at the prompt length limit
-    request = GenerationRequest("r" * 128, "m", worst_text, worst_text, size, size, 1, 7.5, 1, images, "ddim")
+    request = GenerationRequest("r" * 128, "m" * 64, worst_text, worst_text, size, size, 1, 7.5, 1, images, "ddim")
     noise = np.random.default_rng(0).random((images, size, size, 3))  # incompressible pixels
     result = GenerationResult(request, noise, request.image_seeds(), Timings(), warnings=["w" * 200])
-    model = type("M", (), {"name": "m" * 64, "backend": type("B", (), {"name": "torch"})()})()
-    response = convert.response_for(result, model)
+    response = codec.response_to_proto(encode_result(result, backend="torch"))
     assert response.ByteSize() <= transport.largest_response_bytes(size, images)
     assert ServerSettings().send_limit_bytes >= transport.largest_response_bytes(2048, 8) > 4 * 1024 * 1024

@@ -22,8 +22,8 @@ import numpy as np
 from diffusiond.backends.base import BackendSettings
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.eval.scorer import ATTRIBUTES, Scores, read_image
-from diffusiond.pipeline.request import GenerationRequest
-from diffusiond.pipeline.text2img import Job
+from diffusiond.service.resolver import GenerationParams, resolve
+from diffusiond.service.models import load_model
 from diffusiond.training import dataset
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,6 @@ def backend_settings(settings: EvalSettings) -> BackendSettings:
 
 def evaluate(settings: EvalSettings, progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Load the model, generate and score ``num_prompts`` prompts of the chosen split."""
-    from diffusiond.models.registry import load_model
     from diffusiond.models.sources import ModelSource, resolve_model_dir
 
     if settings.batch_size < 1:
@@ -124,12 +123,14 @@ def _scenes(settings: EvalSettings) -> list[dataset.Scene]:
 
 def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
          progress: Callable[[int, int], None] | None) -> EvalReport:
-    limits = model.limits
-    steps = settings.steps or limits.default_steps
-    guidance = limits.default_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
-    scheduler = model.schedulers.resolve(settings.scheduler)
-    if not 1 <= steps <= limits.max_steps:
-        raise InvalidArgument("steps", f"must be between 1 and {limits.max_steps}, got {steps}")
+    def params(index: int, scene: dataset.Scene) -> GenerationParams:
+        return GenerationParams(
+            request_id=f"eval-{index}", prompt=scene.caption, steps=settings.steps,
+            guidance_scale=settings.guidance_scale, seed=settings.seed + index, scheduler=settings.scheduler,
+        )
+
+    first_request = resolve(params(0, scenes[0]), model)  # what every prompt runs with, checked once
+    steps, guidance, scheduler = first_request.steps, first_request.guidance_scale, first_request.scheduler
 
     clip = None
     if settings.clip_model:
@@ -147,15 +148,8 @@ def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
     started = time.perf_counter()
     for first in range(0, len(scenes), settings.batch_size):
         chunk = scenes[first : first + settings.batch_size]
-        jobs = [
-            Job(GenerationRequest(
-                request_id=f"eval-{first + i}", model=model.name, prompt=scene.caption, negative_prompt="",
-                width=limits.default_width, height=limits.default_height, steps=steps,
-                guidance_scale=guidance, seed=settings.seed + first + i, num_images=1, scheduler=scheduler,
-            ))
-            for i, scene in enumerate(chunk)
-        ]
-        outcomes = model.pipeline.run(jobs)
+        requests = [resolve(params(first + i, scene), model) for i, scene in enumerate(chunk)]
+        outcomes = model.pipeline.generate_together(requests)
         batch_images = []
         for i, (scene, outcome) in enumerate(zip(chunk, outcomes)):
             if isinstance(outcome, BaseException):

@@ -113,58 +113,23 @@ class _RecordUNet:
         return getattr(self.inner, name)
 
 
-class _StopBeforeDecode:
-    """Observer that lets every step run, then ends the request before its VAE decode (not needed here)."""
-
-    def __init__(self) -> None:
-        self.steps_done = 0
-        self.total = 0
-
-    def stop_reason(self) -> BaseException | None:
-        if self.total and self.steps_done >= self.total:
-            return _CaptureDone()
-        return None
-
-    def on_started(self, info) -> None:
-        self.total = info.total_steps
-
-    def on_step(self, info) -> None:
-        self.steps_done = info.step
-
-
-class _CaptureDone(Exception):
-    pass
-
-
 def capture_unet_inputs(model_dir: Path, settings: CalibrationSettings, progress=None) -> list[dict[str, np.ndarray]]:
     """Run the fp32 PyTorch pipeline over the calibration prompts; return every UNet call's inputs."""
-    from diffusiond.models.registry import load_model
-    from diffusiond.pipeline.request import GenerationRequest
-    from diffusiond.pipeline.text2img import Job
+    from diffusiond.service.models import load_model
+    from diffusiond.service.resolver import GenerationParams, resolve
 
     model = load_model("calibration", model_dir, "torch", prompt_cache_size=0)
     try:
         recorder = _RecordUNet(model.pipeline.backend)
         model.pipeline.backend = recorder
         size = settings.size or model.config.default_size
-        scheduler = model.schedulers.resolve(settings.scheduler) if settings.scheduler else model.schedulers.default_name
         prompts = settings.prompts()
         for i, prompt in enumerate(prompts):
-            request = GenerationRequest(
-                request_id=f"calibration-{i}",
-                model="calibration",
-                prompt=prompt,
-                negative_prompt="",
-                width=size,
-                height=size,
-                steps=settings.steps,
-                guidance_scale=(model.limits.default_guidance_scale if settings.guidance_scale is None
-                                else settings.guidance_scale),
-                seed=settings.seed + i,
-                num_images=1,
-                scheduler=scheduler,
+            params = GenerationParams(
+                request_id=f"calibration-{i}", prompt=prompt, width=size, height=size, steps=settings.steps,
+                guidance_scale=settings.guidance_scale, seed=settings.seed + i, scheduler=settings.scheduler,
             )
-            model.pipeline.run([Job(request, _StopBeforeDecode())])
+            model.pipeline.denoise(resolve(params, model))  # the UNet inputs are all it needs: no decode
             if progress is not None:
                 progress.count("calibration prompts", i + 1, len(prompts), every=max(1, len(prompts) // 8))
         return recorder.samples

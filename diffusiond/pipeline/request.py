@@ -72,8 +72,16 @@ class GenerationRequest:
         """Image i uses seed + i (mod 2^64): it can be reproduced alone with that seed."""
         return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]
 
-    def batch_key(self) -> tuple[str, int, int, int, str]:
-        """Requests with equal keys share timesteps and latent shape, so they can share UNet batches."""
+    def latent_group(self) -> tuple[str, int, int]:
+        """Requests with equal groups can share a UNet call: same model and latent shape.
+
+        Steps, scheduler, guidance, seed and prompts may differ: every row carries
+        its own timestep and every request keeps its own scheduler.
+        """
+        return (self.model, self.width, self.height)
+
+    def static_group(self) -> tuple[str, int, int, int, str]:
+        """What static batching (start together, finish together) also requires: the same timesteps."""
         return (self.model, self.width, self.height, self.steps, self.scheduler)
 
 

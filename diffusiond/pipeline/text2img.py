@@ -1,18 +1,21 @@
-"""The text-to-image loop, written once for every backend and for batches of requests.
+"""Text to image, one step at a time, for any number of requests at once.
 
 The algorithm is diffusers' StableDiffusionPipeline (same tokenization, noise,
 scheduler calls and guidance arithmetic, so its images match to float
-rounding), generalised to run several requests in one UNet batch:
+rounding), cut into stages so that a batcher can interleave requests:
 
-- every request has its own scheduler instance and its own CPU generators
-  (one per image, seeded seed + i), so its noise, and ancestral schedulers'
-  per-step noise, do not depend on what else is in the batch;
-- every request has its own guidance scale, prompt and negative prompt;
-- requests can leave the batch at any step (cancellation, deadline);
-- a network call that runs out of device memory is retried in smaller pieces
-  (the UNet batch split in halves, a decode image by image) without losing
-  the steps already done; a request that does not fit even alone ends with
-  ``ResourceExhausted`` and the others go on.
+    state = pipeline.prepare(request)   # encode prompts, set timesteps, seeded noise
+    while not state.done:
+        pipeline.step([state, ...])     # one UNet call for every state given
+    result = pipeline.finish(state)     # decode
+
+``step`` takes any states whose latents have one shape: every row carries its
+own timestep, rows with and without classifier-free guidance share the call,
+and every state keeps its own scheduler, generators (seed + i per image),
+guidance scale and preview plan. So states may join and leave between any two
+steps, and a request's image does not depend on its company beyond kernel
+rounding. A UNet call or decode that runs out of memory is retried in smaller
+pieces by ``RowRunner``; only a request that does not fit even alone fails.
 """
 
 from __future__ import annotations
@@ -21,17 +24,18 @@ import inspect
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from diffusiond.backends.base import Backend
-from diffusiond.errors import ResourceExhausted
+from diffusiond.errors import OutOfMemory, ResourceExhausted
 from diffusiond.models.config import ModelConfig
 from diffusiond.pipeline import previews
-from diffusiond.pipeline.memory import is_out_of_memory, release_cached_memory
+from diffusiond.pipeline.memory import RowRunner, release_cached_memory
+from diffusiond.pipeline.observers import BatchObserver, JobObserver, NullBatchObserver, NullObserver
 from diffusiond.pipeline.request import (
     GenerationRequest,
     GenerationResult,
@@ -46,93 +50,45 @@ from diffusiond.pipeline.text import PromptEncoder
 log = logging.getLogger(__name__)
 
 
-class JobObserver(Protocol):
-    """Per-request hooks; the pipeline calls them from its worker thread and they must not block."""
-
-    def stop_reason(self) -> BaseException | None:
-        """An exception to end this request with (cancelled, deadline passed), or None to go on."""
-        ...
-
-    def on_started(self, info: StartInfo) -> None: ...
-
-    def on_step(self, info: StepInfo) -> None: ...
-
-
-class NullObserver:
-    def stop_reason(self) -> BaseException | None:
-        return None
-
-    def on_started(self, info: StartInfo) -> None:
-        pass
-
-    def on_step(self, info: StepInfo) -> None:
-        pass
-
-
-class LastLatentsObserver(NullObserver):
-    """Keeps the last LATENT preview it sees: with previews every N >= steps, the final latents."""
-
-    def __init__(self) -> None:
-        self.latents: np.ndarray | None = None
-
-    def on_step(self, info: StepInfo) -> None:
-        if info.preview is not None:
-            self.latents = info.preview
-
-
-class BatchObserver(Protocol):
-    """Batch-wide hooks (metrics); called from the pipeline's thread, must not block."""
-
-    def on_denoise_step(self, requests: int, images: int, seconds: float) -> None:
-        """One denoising step of ``requests`` requests holding ``images`` images took ``seconds`` of UNet time."""
-        ...
-
-    def on_out_of_memory(self, network: str, rows: int) -> None:
-        """A call of ``network`` with ``rows`` batch rows ran out of memory and is retried smaller."""
-        ...
-
-
-class NullBatchObserver:
-    def on_denoise_step(self, requests: int, images: int, seconds: float) -> None:
-        pass
-
-    def on_out_of_memory(self, network: str, rows: int) -> None:
-        pass
-
-
 @dataclass
-class _BatchRun:
-    """What one ``run`` learns as it goes: the UNet batch that fits, and whom to tell."""
+class RequestState:
+    """One request between ``prepare`` and ``finish``: everything its next step needs."""
 
-    observer: BatchObserver
-    unet_rows: int | None = None  # most rows per UNet call; None: no limit found yet
-
-
-@dataclass
-class Job:
     request: GenerationRequest
-    observer: JobObserver = field(default_factory=NullObserver)
-
-
-@dataclass
-class _Running:
-    """A request's state while it is in the denoising loop."""
-
-    job: Job
-    scheduler: Any
-    generators: list[torch.Generator]
-    latents: torch.Tensor
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
-    step_kwargs: dict[str, Any]
+    observer: JobObserver
+    scheduler: Any  # its own instance: multistep schedulers keep history
+    generators: list[torch.Generator]  # one per image, seeded seed + i
+    step_kwargs: dict[str, Any]  # eta / generator, for schedulers that take them
+    cond: torch.Tensor  # [k, T, D] prompt encoding
+    uncond: torch.Tensor | None  # [k, T, D] negative prompt encoding; None without guidance
+    latents: torch.Tensor  # [k, C, h, w] on the backend's device
     timings: Timings
     warnings: list[str]
-    error: BaseException | None = None
-    model_input: torch.Tensor | None = None
+    steps_done: int = 0
+    started_at: float | None = None  # perf_counter() at its first step
+    model_input: torch.Tensor | None = None  # the scaled latents of the step in progress
+    error: BaseException | None = None  # set when it stops early; finish raises it
 
     @property
-    def request(self) -> GenerationRequest:
-        return self.job.request
+    def total_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.total_steps
+
+    @property
+    def active(self) -> bool:
+        return self.error is None and not self.done
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.scheduler.timesteps[self.steps_done]
+
+    @property
+    def rows(self) -> int:
+        """UNet rows per step: one per image, two with guidance."""
+        return self.request.num_images * (1 if self.uncond is None else 2)
 
 
 class Text2ImagePipeline:
@@ -143,64 +99,92 @@ class Text2ImagePipeline:
         self.prompts = prompts
         self.schedulers = schedulers
         self.config = config
+        self._unet_rows = RowRunner("unet", backend.device)
+        self._decode_rows = RowRunner("vae_decode", backend.device)
+
+    # -- whole requests -------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, observer: JobObserver | None = None) -> GenerationResult:
-        """Run one request; raise its stop reason if it was cancelled."""
-        (outcome,) = self.run([Job(request, observer or NullObserver())])
+        """Run one request from start to end; raise its stop reason if it was stopped."""
+        (outcome,) = self.generate_together([request], [observer or NullObserver()])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
-    def run(
-        self, jobs: Sequence[Job], observer: BatchObserver | None = None
+    def denoise(self, request: GenerationRequest, observer: JobObserver | None = None) -> RequestState:
+        """Prepare and take every step, without decoding (calibration needs only the UNet's inputs)."""
+        state = self.prepare(request, observer)
+        while state.active:
+            self.step([state])
+        return state
+
+    def generate_together(
+        self,
+        requests: Sequence[GenerationRequest],
+        observers: Sequence[JobObserver] | None = None,
+        batch_observer: BatchObserver | None = None,
     ) -> list[GenerationResult | BaseException]:
-        """Run compatible requests (equal ``batch_key``) together; one outcome per job, in order.
+        """Run requests of one latent shape side by side; one outcome per request, in order.
 
-        A request stopped by its observer gets its stop reason as outcome, one
-        that does not fit in memory even alone gets ``ResourceExhausted``; any
-        other failure of the backend propagates to the caller.
+        An outcome is an exception when its request was stopped by its observer
+        or does not fit in memory even alone; any other failure propagates.
         """
-        if not jobs:
-            return []
-        keys = {job.request.batch_key() for job in jobs}
-        if len(keys) != 1:
-            raise ValueError(f"jobs in one batch must share model, size, steps and scheduler; got {keys}")
-        run = _BatchRun(observer or NullBatchObserver())
-        prepared = [self._prepare_or_fail(job) for job in jobs]
-        states = [p for p in prepared if isinstance(p, _Running)]
-        self._denoise(states, run)
-        return [p if isinstance(p, BaseException) else self._finish(p, run) for p in prepared]
-
-    # -- stages -------------------------------------------------------------
-
-    def _prepare_or_fail(self, job: Job) -> _Running | BaseException:
+        observers = observers or [NullObserver() for _ in requests]
         try:
-            return self._prepare(job)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            release_cached_memory(self.backend.device)
-            return self._does_not_fit(job.request, "encoding its prompts")
+            return self._generate_together(requests, observers, batch_observer)
+        finally:
+            self.forget_row_limits()
 
-    def _does_not_fit(self, request: GenerationRequest, what: str) -> ResourceExhausted:
-        log.warning("req=%s: %s ran out of memory even alone", request.request_id, what)
-        return ResourceExhausted(
-            f"request {request.request_id} does not fit in {self.backend.device} memory: {what} ran out of "
-            f"memory even alone ({request.num_images} image(s) of {request.width}x{request.height}); "
-            "try fewer images or a smaller size"
-        )
+    def _generate_together(
+        self,
+        requests: Sequence[GenerationRequest],
+        observers: Sequence[JobObserver],
+        batch_observer: BatchObserver | None,
+    ) -> list[GenerationResult | BaseException]:
+        outcomes: list[GenerationResult | BaseException | None] = [None] * len(requests)
+        states: list[tuple[int, RequestState]] = []
+        for index, (request, observer) in enumerate(zip(requests, observers)):
+            try:
+                states.append((index, self.prepare(request, observer)))
+            except ResourceExhausted as exc:
+                outcomes[index] = exc
+        while any(state.active for _, state in states):
+            self.step([state for _, state in states], batch_observer)
+        for index, state in states:
+            try:
+                outcomes[index] = self.finish(state, batch_observer)
+            except Exception as exc:
+                if exc is not state.error:
+                    raise
+                outcomes[index] = exc
+        return outcomes  # type: ignore[return-value]
 
-    def _prepare(self, job: Job) -> _Running:
-        request = job.request
+    def forget_row_limits(self) -> None:
+        """Forget how many rows fitted after running out of memory (call when the work has drained)."""
+        self._unet_rows.forget()
+        self._decode_rows.forget()
+
+    # -- stage 1: prepare ---------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest, observer: JobObserver | None = None) -> RequestState:
+        """Encode the prompts, set the timesteps and draw the seeded noise."""
+        observer = observer or NullObserver()
         started = time.perf_counter()
         warnings: list[str] = []
-        cond = self._encode(request.prompt, "prompt", warnings)
-        uncond = self._encode(request.negative_prompt, "negative_prompt", warnings) if request.uses_guidance else None
         k = request.num_images
+        try:
+            cond = self._encode(request.prompt, "prompt", warnings)
+            uncond = (
+                self._encode(request.negative_prompt, "negative_prompt", warnings) if request.uses_guidance else None
+            )
+        except OutOfMemory:
+            release_cached_memory(self.backend.device)
+            raise self._does_not_fit(request, "encoding its prompts") from None
         timings = Timings(text_encode_s=time.perf_counter() - started)
 
         scheduler = self.schedulers.create(request.scheduler)
         scheduler.set_timesteps(request.steps, device=self.backend.device)
+
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds()]
         shape = (
             1,
@@ -217,17 +201,21 @@ class Text2ImagePipeline:
             step_kwargs["eta"] = 0.0
         if "generator" in step_params:
             step_kwargs["generator"] = generators
-        return _Running(
-            job=job,
+
+        state = RequestState(
+            request=request,
+            observer=observer,
             scheduler=scheduler,
             generators=generators,
-            latents=latents,
+            step_kwargs=step_kwargs,
             cond=cond.expand(k, -1, -1),
             uncond=None if uncond is None else uncond.expand(k, -1, -1),
-            step_kwargs=step_kwargs,
+            latents=latents,
             timings=timings,
             warnings=warnings,
         )
+        observer.on_started(StartInfo(total_steps=state.total_steps))
+        return state
 
     def _encode(self, text: str, field_name: str, warnings: list[str]) -> torch.Tensor:
         encoding = self.prompts.encode(text)
@@ -238,151 +226,78 @@ class Text2ImagePipeline:
             )
         return encoding.hidden_states
 
-    def _denoise(self, states: list[_Running], run: _BatchRun) -> None:
-        if not states:
+    # -- stage 2: step --------------------------------------------------------------------
+
+    def step(self, states: Sequence[RequestState], observer: BatchObserver | None = None) -> None:
+        """Advance every active state by one denoising step, with one UNet call for all of them.
+
+        A state that its observer stops, that does not fit in memory even alone,
+        or whose scheduler step runs out of memory gets ``error`` set and takes
+        no further part; the others go on.
+        """
+        observer = observer or NullBatchObserver()
+        for state in states:
+            if state.active:
+                state.error = state.observer.stop_reason()
+        active = [state for state in states if state.active]
+        if not active:
             return
-        timesteps = states[0].scheduler.timesteps
-        total = len(timesteps)
-        for state in states:
-            state.job.observer.on_started(StartInfo(total_steps=total))
-        loop_start = time.perf_counter()
-        active = list(states)
-        for i, t in enumerate(timesteps):
-            active = self._still_running(active)
-            if not active:
-                break
-            unet_start = time.perf_counter()
-            outputs = self._unet_batch(active, t, run)
-            run.observer.on_denoise_step(
-                len(active), sum(s.request.num_images for s in active), time.perf_counter() - unet_start
-            )
-            for state, rows in zip(active, outputs):
-                if rows is None:
-                    state.error = self._does_not_fit(state.request, "a UNet batch holding only this request")
-                    continue
-                k = state.request.num_images
-                if state.uncond is not None:
-                    uncond, cond = rows[:k], rows[k:]
-                    eps = uncond + state.request.guidance_scale * (cond - uncond)
-                else:
-                    eps = rows
-                try:
-                    self._step(state, i, total, t, eps, loop_start, run)
-                except Exception as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    release_cached_memory(self.backend.device)
-                    state.error = self._does_not_fit(state.request, "its denoising step or preview")
-            active = [state for state in active if state.error is None]
-        denoise_s = time.perf_counter() - loop_start
-        for state in states:
-            state.timings.denoise_s = denoise_s
+        shapes = {tuple(state.latents.shape[1:]) for state in active}
+        if len(shapes) != 1:
+            raise ValueError(f"states in one step must share their latent shape; got {sorted(shapes)}")
 
-    def _still_running(self, active: list[_Running]) -> list[_Running]:
+        now = time.perf_counter()
         for state in active:
-            state.error = state.job.observer.stop_reason()
-        return [state for state in active if state.error is None]
+            if state.started_at is None:
+                state.started_at = now
 
-    def _unet_batch(self, active: list[_Running], t: torch.Tensor, run: _BatchRun) -> list[torch.Tensor | None]:
-        """The UNet output rows of each active request (uncond rows first), None for one that did not fit."""
-        samples: list[torch.Tensor] = []
-        contexts: list[torch.Tensor] = []
-        spans: list[tuple[int, int]] = []
+        # Model input: each state's latents scaled for its own timestep, twice with guidance.
+        samples, contexts, timesteps, spans = [], [], [], []
+        row = 0
         for state in active:
-            start = sum(x.shape[0] for x in samples)
+            t = state.timestep
             state.model_input = state.scheduler.scale_model_input(state.latents, t)
-            if state.uncond is not None:
-                samples += [state.model_input, state.model_input]
-                contexts += [state.uncond, state.cond]
-            else:
+            halves = [state.cond] if state.uncond is None else [state.uncond, state.cond]
+            for context in halves:
                 samples.append(state.model_input)
-                contexts.append(state.cond)
-            spans.append((start, sum(x.shape[0] for x in samples)))
+                contexts.append(context)
+            timesteps.append(torch.full((state.rows,), float(t), dtype=torch.float32))
+            spans.append((row, row + state.rows))
+            row += state.rows
         sample = torch.cat(samples)
         context = torch.cat(contexts)
-        timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
-        if run.unet_rows is None:
-            try:
-                out = self.backend.unet(sample, timestep, context)
-                return [out[a:b] for a, b in spans]
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                release_cached_memory(self.backend.device)
-                self._shrink(run, sample.shape[0])
-        return self._unet_in_pieces(sample, timestep, context, spans, run)
+        timestep = torch.cat(timesteps).to(sample.device)
 
-    def _shrink(self, run: _BatchRun, rows: int) -> None:
-        run.unet_rows = max(1, (rows + 1) // 2)
-        run.observer.on_out_of_memory("unet", rows)
-        log.warning("a UNet batch of %d rows ran out of memory; retrying %d rows at a time", rows, run.unet_rows)
+        # Noise prediction: one UNet call, a timestep per row.
+        started = time.perf_counter()
+        outputs = self._unet_rows.run(self.backend.unet, (sample, timestep, context), spans, shapes.pop(), observer)
+        observer.on_denoise_step(
+            len(active), sum(s.request.num_images for s in active), time.perf_counter() - started
+        )
 
-    def _unet_in_pieces(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        spans: list[tuple[int, int]],
-        run: _BatchRun,
-    ) -> list[torch.Tensor | None]:
-        """Run the UNet at most ``run.unet_rows`` rows at a time, halving on out-of-memory.
-
-        Each row's output depends only on its own inputs (up to kernel rounding),
-        so pieces give the same images; a request whose rows fail one at a time
-        does not fit at all.
-        """
-        n = sample.shape[0]
-        rows: list[torch.Tensor | None] = [None] * n
-        owner = [index for index, (a, b) in enumerate(spans) for _ in range(a, b)]
-        failed: set[int] = set()
-        start = 0
-        while start < n:
-            if owner[start] in failed:
-                start += 1
+        for state, output in zip(active, outputs):
+            if output is None:
+                state.error = self._does_not_fit(state.request, "a UNet call holding only this request")
                 continue
-            size = min(run.unet_rows or n, n - start)
-            end = start + size
             try:
-                out = self.backend.unet(sample[start:end], timestep[start:end], context[start:end])
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
+                self._advance(state, output, observer)
+            except OutOfMemory:
                 release_cached_memory(self.backend.device)
-                if size == 1:
-                    failed.add(owner[start])
-                    start += 1
-                else:
-                    self._shrink(run, size)
-                continue
-            for j in range(size):
-                rows[start + j] = out[j : j + 1]
-            start = end
-        outputs: list[torch.Tensor | None] = []
-        for index, (a, b) in enumerate(spans):
-            pieces = rows[a:b]
-            if index in failed or any(p is None for p in pieces):
-                outputs.append(None)
-            else:
-                outputs.append(torch.cat(pieces))  # type: ignore[arg-type]
-        return outputs
+                state.error = self._does_not_fit(state.request, "its denoising step or preview")
 
-    def _decode(self, latents: torch.Tensor, run: _BatchRun) -> torch.Tensor:
-        """VAE decode; out of memory with several images -> one image at a time (raises if one alone fails)."""
-        try:
-            return self.backend.vae_decode(latents)
-        except Exception as exc:
-            if not is_out_of_memory(exc) or latents.shape[0] == 1:
-                raise
-            release_cached_memory(self.backend.device)
-            run.observer.on_out_of_memory("vae_decode", latents.shape[0])
-            return torch.cat([self.backend.vae_decode(latents[i : i + 1]) for i in range(latents.shape[0])])
-
-    def _step(
-        self, state: _Running, i: int, total: int, t: torch.Tensor, eps: torch.Tensor, loop_start: float,
-        run: _BatchRun,
-    ) -> None:
+    def _advance(self, state: RequestState, output: torch.Tensor, observer: BatchObserver) -> None:
+        """Guidance, the state's own scheduler step, and its progress event (with a preview when due)."""
         request = state.request
-        step = i + 1
+        k = request.num_images
+        if state.uncond is not None:
+            uncond, cond = output[:k], output[k:]
+            eps = uncond + request.guidance_scale * (cond - uncond)
+        else:
+            eps = output
+
+        t = state.timestep
+        total = state.total_steps
+        step = state.steps_done + 1
         due = request.preview.due(step, total)
         clean = None
         if due and request.preview.kind in (PreviewKind.APPROX_RGB, PreviewKind.FULL):
@@ -390,6 +305,7 @@ class Text2ImagePipeline:
                 state.scheduler, t, state.model_input, eps, self.config.prediction_type
             )
         state.latents = state.scheduler.step(eps, t, state.latents, **state.step_kwargs, return_dict=False)[0]
+        state.steps_done = step
 
         preview: np.ndarray | None = None
         if due:
@@ -398,9 +314,13 @@ class Text2ImagePipeline:
             elif request.preview.kind is PreviewKind.APPROX_RGB:
                 preview = previews.approx_rgb(clean)
             elif request.preview.kind is PreviewKind.FULL:
-                preview = previews.to_uint8_images(self._decode(clean / self.config.scaling_factor, run))
-        elapsed = time.perf_counter() - loop_start
-        state.job.observer.on_step(
+                decoded = self._decode(clean, observer)
+                if decoded is None:
+                    raise OutOfMemory("a preview decode did not fit even one image at a time")
+                preview = previews.to_uint8_images(decoded)
+        elapsed = time.perf_counter() - (state.started_at or 0.0)
+        state.timings.denoise_s = elapsed
+        state.observer.on_step(
             StepInfo(
                 step=step,
                 total_steps=total,
@@ -412,26 +332,47 @@ class Text2ImagePipeline:
             )
         )
 
-    def _finish(self, state: _Running, run: _BatchRun) -> GenerationResult | BaseException:
+    # -- stage 3: finish -------------------------------------------------------------------
+
+    def finish(self, state: RequestState, observer: BatchObserver | None = None) -> GenerationResult:
+        """Decode the final latents into float RGB images; raise why the state stopped, if it did."""
         if state.error is None:
-            state.error = state.job.observer.stop_reason()  # no decode for a client that has gone
+            state.error = state.observer.stop_reason()  # no decode for a client that has gone
         if state.error is not None:
-            return state.error
+            raise state.error
+        if not state.done:
+            raise RuntimeError(f"request {state.request.request_id} finished after {state.steps_done} of "
+                               f"{state.total_steps} steps")
         started = time.perf_counter()
-        try:
-            decoded = self._decode(state.latents / self.config.scaling_factor, run)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            release_cached_memory(self.backend.device)
-            return self._does_not_fit(state.request, "decoding one of its images")
+        decoded = self._decode(state.latents, observer or NullBatchObserver())
+        if decoded is None:
+            state.error = self._does_not_fit(state.request, "decoding one of its images")
+            raise state.error
         images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        state.timings.decode_s = time.perf_counter() - started
-        state.timings.total_s = state.timings.text_encode_s + state.timings.denoise_s + state.timings.decode_s
+        timings = state.timings
+        timings.decode_s = time.perf_counter() - started
+        timings.total_s = timings.text_encode_s + timings.denoise_s + timings.decode_s
         return GenerationResult(
             request=state.request,
             images=images,
             seeds=state.request.image_seeds(),
-            timings=state.timings,
+            timings=timings,
             warnings=state.warnings,
         )
+
+    def _decode(self, latents: torch.Tensor, observer: BatchObserver) -> torch.Tensor | None:
+        """VAE decode of scaled latents (fewer images per call if memory runs out); None if one alone fails."""
+        unscaled = latents / self.config.scaling_factor
+        (decoded,) = self._decode_rows.run(
+            self.backend.vae_decode, (unscaled,), [(0, unscaled.shape[0])], tuple(unscaled.shape[1:]), observer
+        )
+        return decoded
+
+    def _does_not_fit(self, request: GenerationRequest, what: str) -> ResourceExhausted:
+        log.warning("req=%s: %s ran out of memory even alone", request.request_id, what)
+        return ResourceExhausted(
+            f"request {request.request_id} does not fit in {self.backend.device} memory: {what} ran out of "
+            f"memory even alone ({request.num_images} image(s) of {request.width}x{request.height}); "
+            "try fewer images or a smaller size"
+        )
+

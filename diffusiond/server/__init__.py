@@ -1,1 +1,1 @@
-"""The gRPC service: servicer, request engine, status mapping, process lifecycle."""
+"""The gRPC front door: servicer, codec, interceptor, status mapping, transport, metrics, process lifecycle."""

@@ -1,4 +1,4 @@
-"""Assembling and running the server: gRPC, health, reflection, models, engine, metrics, shutdown.
+"""Assembling and running the server: gRPC, health, reflection, models, batcher, metrics, shutdown.
 
 The server starts listening before its models are loaded, with health
 NOT_SERVING and Generate answering UNAVAILABLE, so orchestrators can tell
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,22 +20,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
 from diffusiond.backends.base import BackendSettings
-from diffusiond.models.registry import LoadedModel, ModelRegistry, load_model
 from diffusiond.models.sources import ModelSource, resolve_model_dir
-from diffusiond.pipeline.limits import ModelLimits
-from diffusiond.pipeline.request import GenerationRequest
 from diffusiond.server import transport
-from diffusiond.server.engine import Engine, EngineSettings
+from diffusiond.server.interceptor import SERVICE_NAME, CallTracker, ServiceInterceptor
 from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetrics
-from diffusiond.server.result_cache import ResultCache
 from diffusiond.server.servicer import DiffusionServicer
+from diffusiond.service.batcher import Batcher, BatcherSettings
+from diffusiond.service.generation import GenerationService
+from diffusiond.service.limits import ModelLimits
+from diffusiond.service.models import ModelRegistry, load_model, warm_up
+from diffusiond.service.result_cache import ResultCache
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
 # After the grace period, how long aborted requests get to send their UNAVAILABLE.
 ABORT_GRACE_S = 2.0
 
@@ -48,7 +46,7 @@ class ServerSettings:
     models: list[ModelSource] = field(default_factory=lambda: [ModelSource.parse("builtin")])
     backend: str = "torch"
     backend_settings: BackendSettings = field(default_factory=BackendSettings)
-    engine: EngineSettings = field(default_factory=EngineSettings)
+    batcher: BatcherSettings = field(default_factory=BatcherSettings)
     max_size: int = 2048
     grace_period_s: float = 30.0
     # None: transport.largest_response_bytes(max_size, max_images), enough for any answer.
@@ -81,39 +79,20 @@ class ServerSettings:
         return transport.largest_response_bytes(side, ModelLimits.max_images)
 
 
-def warm_up(model: LoadedModel) -> None:
-    """One short generation, so the first client does not pay for lazy initialisation."""
-    started = time.perf_counter()
-    request = GenerationRequest(
-        request_id="warmup",
-        model=model.name,
-        prompt="warm up",
-        negative_prompt="",
-        width=model.limits.default_width,
-        height=model.limits.default_height,
-        steps=1,
-        guidance_scale=model.limits.default_guidance_scale,
-        seed=0,
-        num_images=1,
-        scheduler=model.schedulers.default_name,
-    )
-    model.pipeline.generate(request)
-    log.info("warmed up %s in %.2fs", model.name, time.perf_counter() - started)
-
-
 class DiffusionServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.registry = ModelRegistry()
         self.metrics = ServerMetrics()
-        self.engine = Engine(settings.engine, self.metrics)
+        self.batcher = Batcher(settings.batcher, self.metrics)
         self.result_cache = ResultCache(settings.result_cache_bytes) if settings.result_cache_bytes > 0 else None
-        self.servicer = DiffusionServicer(self.registry, self.engine, self.metrics, self.result_cache)
+        self.service = GenerationService(self.registry, self.batcher, self.result_cache)
+        self.calls = CallTracker()
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self.metrics.watch_engine(lambda: self.engine.queue_depth, lambda: len(self.engine.running))
+        self.metrics.watch_batcher(lambda: self.batcher.queue_depth, lambda: len(self.batcher.running))
         self.metrics.add_collector(
             CacheCollector(lambda: [(m.name, m.pipeline.prompts) for m in self.registry], self.result_cache)
         )
@@ -127,8 +106,12 @@ class DiffusionServer:
         """Bind and serve (health NOT_SERVING until ``load`` finishes); return the bound port."""
         settings = self.settings
         options = transport.server_options(settings.send_limit_bytes, settings.max_receive_message_bytes)
-        server = grpc.aio.server(options=options, compression=transport.compression_named(settings.compression))
-        pb_grpc.add_DiffusionServicer_to_server(self.servicer, server)
+        server = grpc.aio.server(
+            options=options,
+            compression=transport.compression_named(settings.compression),
+            interceptors=[ServiceInterceptor(self.calls, self.metrics)],
+        )
+        pb_grpc.add_DiffusionServicer_to_server(DiffusionServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -148,10 +131,10 @@ class DiffusionServer:
         return port
 
     async def load(self) -> None:
-        """Load and warm up every model off the event loop, start the engine, turn health SERVING."""
+        """Load and warm up every model off the event loop, start the batcher, turn health SERVING."""
         await asyncio.to_thread(self._load_models)
-        self.engine.start()
-        self.servicer.ready = True
+        self.batcher.start()
+        self.service.ready = True
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.serving.set(1)
@@ -177,18 +160,17 @@ class DiffusionServer:
         log.info("shutting down: health NOT_SERVING, new calls refused, grace period %.1fs", grace)
         self.metrics.serving.set(0)
         await self.health.enter_graceful_shutdown()
-        self.servicer.draining = True
-        self.engine.stop_accepting()
+        self.service.draining = True
+        self.batcher.stop_accepting()
         # Every accepted request has been answered once no RPC is in flight (queued, running, or sending).
-        finished = await self.servicer.calls.wait_idle(grace)
+        finished = await self.calls.wait_idle(grace)
         if not finished:
-            log.warning("grace period over with %d calls unfinished; they end with UNAVAILABLE",
-                        self.servicer.calls.active)
-            self.engine.abort("the server shut down before it finished")
-            await self.servicer.calls.wait_idle(ABORT_GRACE_S)
+            log.warning("grace period over with %d calls unfinished; they end with UNAVAILABLE", self.calls.active)
+            self.batcher.abort("the server shut down before it finished")
+            await self.calls.wait_idle(ABORT_GRACE_S)
         if self._server is not None:
             await self._server.stop(1.0 if finished else 0)
-        await asyncio.to_thread(self.engine.shutdown)
+        await asyncio.to_thread(self.batcher.shutdown)
         self.registry.close()
         self.metrics.close()
         log.info("stopped")

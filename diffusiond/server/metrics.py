@@ -29,7 +29,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class ServerMetrics:
-    """The server's metrics; implements the engine's ``EngineMetrics`` hooks."""
+    """The server's metrics; implements the batcher's ``BatcherMetrics`` hooks."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -44,12 +44,12 @@ class ServerMetrics:
         )
         self.queue_wait = Histogram(
             "diffusiond_queue_wait_seconds",
-            "Time a request waited in the queue (including the batch delay) before its batch started.",
+            "Time a request waited in the queue (including any batch delay) before it joined the running set.",
             ["model"], buckets=SECONDS_BUCKETS, registry=r,
         )
         self.inference = Histogram(
             "diffusiond_inference_seconds",
-            "Time from a request's batch start to its outcome: prompt encoding, denoising and VAE decoding.",
+            "Time from a request joining the running set to its outcome: prompt encoding, denoising, decoding.",
             ["model"], buckets=SECONDS_BUCKETS, registry=r,
         )
         self.denoising_steps = Counter(
@@ -64,19 +64,19 @@ class ServerMetrics:
             ["model"], registry=r,
         )
         self.queue_depth = Gauge("diffusiond_queue_depth", "Requests waiting in the queue.", registry=r)
-        self.running = Gauge("diffusiond_requests_running", "Requests in the batch being run now.", registry=r)
+        self.running = Gauge("diffusiond_requests_running", "Requests in the running set now.", registry=r)
         self.batch_size = Histogram(
-            "diffusiond_batch_size", "Requests per batch the batcher formed.", ["model"],
+            "diffusiond_batch_size", "Requests sharing a denoising step (one UNet call).", ["model"],
             buckets=BATCH_BUCKETS, registry=r,
         )
         self.batch_images = Histogram(
-            "diffusiond_batch_images", "Images per batch the batcher formed (the UNet batch is twice this "
+            "diffusiond_batch_images", "Images sharing a denoising step (the UNet batch is twice this "
             "with classifier-free guidance).", ["model"], buckets=BATCH_BUCKETS, registry=r,
         )
         self.oom = Counter(
             "diffusiond_out_of_memory",
-            "Network calls or batches that ran out of device memory and were retried smaller "
-            "(what: unet, vae_decode, batch).",
+            "Network calls that ran out of device memory and were retried with fewer rows "
+            "(what: unet, vae_decode).",
             ["model", "what"], registry=r,
         )
         self.serving = Gauge(
@@ -87,18 +87,14 @@ class ServerMetrics:
 
     # -- sources read at scrape time ------------------------------------------
 
-    def watch_engine(self, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:
+    def watch_batcher(self, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:
         self.queue_depth.set_function(queue_depth)
         self.running.set_function(running)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
-    # -- EngineMetrics --------------------------------------------------------
-
-    def batch_formed(self, model: str, requests: int, images: int) -> None:
-        self.batch_size.labels(model).observe(requests)
-        self.batch_images.labels(model).observe(images)
+    # -- BatcherMetrics -------------------------------------------------------
 
     def request_started(self, model: str, queue_wait_s: float) -> None:
         self.queue_wait.labels(model).observe(queue_wait_s)
@@ -107,6 +103,8 @@ class ServerMetrics:
         self.inference.labels(model).observe(inference_s)
 
     def denoise_step(self, model: str, requests: int, images: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(requests)
+        self.batch_images.labels(model).observe(images)
         self.denoising_steps.labels(model).inc(images)
         if seconds > 0:
             self.steps_per_second.labels(model).set(images / seconds)

@@ -1,40 +1,62 @@
-"""The request engine: a bounded queue and one worker thread that runs batches.
+"""The batcher: a bounded queue and one worker thread that advances a running set of requests step by step.
 
-The servicer (asyncio) hands each accepted request to the engine as a
-``RequestHandle``; the worker thread takes the oldest request off the queue,
-gathers compatible ones (equal ``batch_key``: same model, and so backend,
-size, steps and scheduler) until the batch holds ``max_batch_size`` images or
-the oldest request has waited ``max_batch_delay_ms``, runs them through the
-model's pipeline in one UNet batch and resolves each handle. Progress flows
-back to the event loop through the handle's ``EventChannel``, which never
-blocks the worker: a slow streaming client may miss intermediate previews,
-never a step event or its result.
+Front doors (the gRPC servicer, on asyncio) hand each accepted request to the
+batcher as a ``RequestHandle``. The worker keeps a *running set* of request
+states and, at every step boundary, as LLM servers do between decode steps:
 
-Backpressure: a full queue refuses at once (``ResourceExhausted``); a request
-cancelled (or past its deadline) while queued leaves the queue at once and
-never runs; one cancelled while running leaves its batch at the next step.
-A batch that runs out of device memory anyway (the pipeline already splits
-its network calls) is split in halves and retried; a request that does not
-fit alone fails with ``ResourceExhausted`` and the worker goes on.
+1. retires requests that were cancelled, ran past their deadline or were aborted;
+2. admits queued requests (``continuous`` batching): requests of the running
+   set's latent group (same model and image size), oldest first, while the set
+   holds at most ``max_batch_size`` images. Steps, scheduler, guidance, seed and
+   prompt may all differ: every row carries its own timestep;
+3. runs one denoising step for the whole set (one UNet call);
+4. decodes and resolves the requests that took their last step.
+
+A request that arrives while others are denoising starts at the next step, not
+after the whole batch. Admission is strictly first come, first served: it
+stops at the first queued request that cannot join (another size or model, or
+too many images for the room left), so no request waits behind later ones
+indefinitely; that one starts as soon as the running set has drained. When the
+set is empty, the oldest request may wait up to ``max_batch_delay_ms`` (from
+its arrival) for company.
+
+``static`` batching (kept for comparison) is the behaviour before continuous
+batching: a batch forms only when nothing runs, from requests with the same
+model, size, steps and scheduler anywhere in the queue, and runs from its first
+step to its last with no one joining.
+
+Progress flows back to the event loop through the handle's ``EventChannel``,
+which never blocks the worker: a slow streaming client may miss intermediate
+previews, never a step event or its result. Backpressure: a full queue refuses
+at once (``ResourceExhausted``); a request cancelled (or past its deadline)
+while queued leaves the queue at once and never runs. Out of memory: the
+pipeline splits UNet calls and decodes; a request that does not fit alone ends
+with ``ResourceExhausted`` and the others go on from the step they reached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from diffusiond.errors import Cancelled, DeadlineExceeded, DiffusiondError, ResourceExhausted, Unavailable
-from diffusiond.models.registry import LoadedModel
-from diffusiond.pipeline.memory import is_out_of_memory, release_cached_memory
 from diffusiond.pipeline.request import GenerationRequest, GenerationResult, PreviewKind, StartInfo, StepInfo
-from diffusiond.pipeline.text2img import Job
+from diffusiond.pipeline.text2img import RequestState
+from diffusiond.service.models import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+class Batching(str, enum.Enum):
+    CONTINUOUS = "continuous"
+    STATIC = "static"
 
 
 @dataclass(frozen=True)
@@ -43,12 +65,13 @@ class QueuedInfo:
 
 
 @dataclass(frozen=True)
-class EngineSettings:
+class BatcherSettings:
     max_queue: int = 64
-    # Most images in one batch; a request counts its num_images (one with more runs alone).
+    # Most images denoised together; a request counts its num_images (one with more runs alone).
     max_batch_size: int = 1
-    # How long the oldest queued request may wait for compatible company.
+    # How long the oldest queued request may wait for company when nothing is running.
     max_batch_delay_ms: float = 0.0
+    batching: Batching = Batching.CONTINUOUS
     # Unsent previews a streaming client may have buffered before older ones are dropped.
     max_buffered_previews: int = 2
 
@@ -59,12 +82,16 @@ class EngineSettings:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must not be negative, got {self.max_batch_delay_ms}")
+        try:
+            object.__setattr__(self, "batching", Batching(self.batching))
+        except ValueError:
+            raise ValueError(
+                f"batching must be one of {', '.join(b.value for b in Batching)}, got {self.batching!r}"
+            ) from None
 
 
-class EngineMetrics(Protocol):
-    """What the engine reports (implemented by ``server.metrics.ServerMetrics``); must not block."""
-
-    def batch_formed(self, model: str, requests: int, images: int) -> None: ...
+class BatcherMetrics(Protocol):
+    """What the batcher reports (implemented by ``server.metrics.ServerMetrics``); must not block."""
 
     def request_started(self, model: str, queue_wait_s: float) -> None: ...
 
@@ -75,10 +102,7 @@ class EngineMetrics(Protocol):
     def out_of_memory(self, model: str, what: str, rows: int) -> None: ...
 
 
-class NullEngineMetrics:
-    def batch_formed(self, model: str, requests: int, images: int) -> None:
-        pass
-
+class NullBatcherMetrics:
     def request_started(self, model: str, queue_wait_s: float) -> None:
         pass
 
@@ -92,10 +116,10 @@ class NullEngineMetrics:
         pass
 
 
-class _BatchObserver:
-    """Forwards the pipeline's batch-wide hooks to the engine's metrics, labelled by model."""
+class _ModelMetrics:
+    """The pipeline's shared-work hooks (a ``BatchObserver``), labelled by model."""
 
-    def __init__(self, model: str, metrics: EngineMetrics) -> None:
+    def __init__(self, model: str, metrics: BatcherMetrics) -> None:
         self._model = model
         self._metrics = metrics
 
@@ -141,7 +165,11 @@ class EventChannel:
 
 
 class RequestHandle:
-    """One accepted request: what the worker runs and how its outcome reaches the caller."""
+    """One accepted request: what the worker runs and how its outcome reaches the caller.
+
+    It is also the request's ``JobObserver``: the pipeline asks it whether to
+    stop and tells it about progress.
+    """
 
     def __init__(
         self,
@@ -158,13 +186,12 @@ class RequestHandle:
         self.events = events
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
+        self.state: RequestState | None = None  # while it is in the running set
         self.outcome: asyncio.Future[GenerationResult] = loop.create_future()
         # A caller that went away never reads its outcome; retrieve it so asyncio does not complain.
         self.outcome.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._cancelled = threading.Event()
         self._abort: BaseException | None = None
-        self._started_sent = False
-        self._last_step_sent = 0
         self._position_sent: int | None = None
 
     @property
@@ -198,15 +225,10 @@ class RequestHandle:
         self._cancelled.set()
 
     def on_started(self, info: StartInfo) -> None:
-        # A batch retried smaller after running out of memory starts again; the client hears it once.
-        if not self._started_sent:
-            self._started_sent = True
-            self._emit(info)
+        self._emit(info)
 
     def on_step(self, info: StepInfo) -> None:
-        if info.step > self._last_step_sent:
-            self._last_step_sent = info.step
-            self._emit(info)
+        self._emit(info)
 
     def queued(self, position: int) -> None:
         if position != self._position_sent:
@@ -232,33 +254,42 @@ class RequestHandle:
             self.events.close()
 
 
-class Engine:
-    def __init__(self, settings: EngineSettings | None = None, metrics: EngineMetrics | None = None) -> None:
-        self.settings = settings or EngineSettings()
-        self.metrics: EngineMetrics = metrics or NullEngineMetrics()
+class Batcher:
+    def __init__(self, settings: BatcherSettings | None = None, metrics: BatcherMetrics | None = None) -> None:
+        self.settings = settings or BatcherSettings()
+        self.metrics: BatcherMetrics = metrics or NullBatcherMetrics()
         self._pending: deque[RequestHandle] = deque()
+        self._running: list[RequestHandle] = []  # only the worker changes it, under the lock
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
-        self._busy = False
         self._abort: BaseException | None = None
-        self.running: list[RequestHandle] = []  # the batch in the pipeline now
-        self._thread = threading.Thread(target=self._work, name="diffusiond-engine", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="diffusiond-batcher", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def continuous(self) -> bool:
+        return self.settings.batching is Batching.CONTINUOUS
 
     @property
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._pending)
 
+    @property
+    def running(self) -> list[RequestHandle]:
+        """The requests in the running set now."""
+        with self._cond:
+            return list(self._running)
+
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self._busy
+            return not self._pending and not self._running
 
     def submit(self, handle: RequestHandle) -> int:
-        """Queue a request; return how many requests are ahead of it (a running batch counts as one)."""
+        """Queue a request; return how many requests are ahead of it (a running set counts as one)."""
         with self._cond:
             if not self._accepting:
                 raise Unavailable("the server is shutting down and accepts no new requests")
@@ -267,7 +298,7 @@ class Engine:
                     f"the request queue is full ({len(self._pending)} of {self.settings.max_queue} places "
                     "taken); retry later"
                 )
-            position = len(self._pending) + (1 if self._busy else 0)
+            position = len(self._pending) + (1 if self._running else 0)
             self._pending.append(handle)
             self._cond.notify_all()
         handle.queued(position)
@@ -295,7 +326,7 @@ class Engine:
         """Wait until queued and running work is done; False if ``timeout`` passed first."""
         end = time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._busy:
+            while self._pending or self._running:
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -309,7 +340,7 @@ class Engine:
             self._abort = Unavailable(f"request not finished: {reason}")
             leftovers = list(self._pending)
             self._pending.clear()
-            running = list(self.running)
+            running = list(self._running)
             self._cond.notify_all()
         for handle in running:
             handle.abort(Unavailable(f"request {handle.request.request_id} was stopped: {reason}"))
@@ -329,110 +360,143 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            admitted = self._admit()
+            if admitted is None:
                 return
             try:
-                if batch:
-                    self._run(batch)
+                self._run_one_step(admitted)
             except Exception:  # never let the worker die: the server must go on serving
-                log.exception("the engine failed running a batch")
-                for handle in batch:
-                    handle.resolve(Unavailable(f"request {handle.request.request_id} failed in the engine"))
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                log.exception("the batcher failed; failing the requests it was running")
+                for handle in self.running:
+                    self._retire(handle, Unavailable(f"request {handle.request.request_id} failed in the batcher"))
 
-    def _next_batch(self) -> list[RequestHandle] | None:
-        limit = self.settings.max_batch_size
-        with self._cond:
-            while not self._pending:
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            first = self._pending.popleft()
-            self._busy = True
-            batch, images = [first], first.images
-            key = first.request.batch_key()
-            # The delay counts from the oldest request's arrival: one that already waited behind
-            # a running batch does not wait again.
-            give_up = first.enqueued_at + self.settings.max_batch_delay_ms / 1000.0
-            while images < limit:
-                for handle in list(self._pending):
-                    if images + handle.images <= limit and handle.request.batch_key() == key:
-                        self._pending.remove(handle)
-                        batch.append(handle)
-                        images += handle.images
-                remaining = give_up - time.monotonic()
-                if images >= limit or remaining <= 0 or self._stopping or self._abort is not None:
-                    break
-                self._cond.wait(remaining)
+    def _run_one_step(self, admitted: list[RequestHandle]) -> None:
+        for handle in admitted:
+            self._start(handle)
         self._publish_positions()
-        runnable = []
-        for handle in batch:
+        for handle in self.running:  # cancelled, past the deadline, or aborted: out before the step
             reason = handle.stop_reason()
             if reason is not None:
-                log.info("req=%s not run: %s", handle.request.request_id, reason)
-                handle.resolve(reason)
-            else:
-                runnable.append(handle)
-        return runnable
-
-    def _publish_positions(self) -> None:
-        with self._cond:
-            waiting = list(self._pending)
-            ahead = 1 if self._busy else 0
-        for position, handle in enumerate(waiting, start=ahead):
-            handle.queued(position)
-
-    def _run(self, batch: list[RequestHandle]) -> None:
-        model = batch[0].model
-        started = time.monotonic()
-        for handle in batch:
-            handle.started_at = started
-            self.metrics.request_started(model.name, started - handle.enqueued_at)
-        self.metrics.batch_formed(model.name, len(batch), sum(h.images for h in batch))
-        self._run_splitting(batch)
-
-    def _run_splitting(self, batch: list[RequestHandle]) -> None:
-        """Run ``batch``; out of memory -> run its halves one after the other (one alone -> RESOURCE_EXHAUSTED)."""
-        model = batch[0].model
-        ids = ",".join(h.request.request_id for h in batch)
-        log.info("running batch of %d (%d images) on %s: req=%s", len(batch), sum(h.images for h in batch),
-                 model.name, ids)
-        self.running = batch
+                self._retire(handle, reason)
+        running = self.running
+        if not running:
+            return
+        model = running[0].model
+        states = [handle.state for handle in running if handle.state is not None]
         try:
-            outcomes: list[Any] = model.pipeline.run(
-                [Job(h.request, h) for h in batch], _BatchObserver(model.name, self.metrics)
-            )
-        except DiffusiondError as exc:
-            outcomes = [exc] * len(batch)
+            model.pipeline.step(states, _ModelMetrics(model.name, self.metrics))
+        except Exception as exc:  # a backend failure or a bug: these requests fail, the server goes on
+            log.exception("a denoising step of req=%s failed", ",".join(h.request.request_id for h in running))
+            for handle in running:
+                self._retire(handle, exc)
+            return
+        for handle in running:
+            state = handle.state
+            if state is not None and not state.active:
+                self._finish(handle, state)
+        if not self.running:  # drained: whatever ran out of memory is gone too
+            model.pipeline.forget_row_limits()
+
+    def _admit(self) -> list[RequestHandle] | None:
+        """Requests to add to the running set at this step boundary; None when the worker should stop.
+
+        Blocks while nothing runs and nothing is queued.
+        """
+        with self._cond:
+            if not self._running:
+                while not self._pending:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                return self._form_batch()
+            if not self.continuous:
+                return []
+            return self._take_joiners(self._running[0].request.latent_group(), self._running_images())
+
+    def _running_images(self) -> int:
+        return sum(handle.images for handle in self._running)
+
+    def _form_batch(self) -> list[RequestHandle]:
+        """A new running set around the oldest queued request (called with the lock held)."""
+        first = self._pending.popleft()
+        batch, images = [first], first.images
+        limit = self.settings.max_batch_size
+        # The delay counts from the oldest request's arrival: one that already waited behind
+        # a running set does not wait again.
+        give_up = first.enqueued_at + self.settings.max_batch_delay_ms / 1000.0
+        while images < limit:
+            joiners = self._take_joiners(self._group_of(first.request), images)
+            batch += joiners
+            images += sum(handle.images for handle in joiners)
+            remaining = give_up - time.monotonic()
+            if images >= limit or remaining <= 0 or self._stopping or self._abort is not None:
+                break
+            self._cond.wait(remaining)
+        return batch
+
+    def _group_of(self, request: GenerationRequest) -> Hashable:
+        return request.latent_group() if self.continuous else request.static_group()
+
+    def _take_joiners(self, group: Hashable, images: int) -> list[RequestHandle]:
+        """Queued requests that may join a set of ``group`` holding ``images`` images (lock held).
+
+        Continuous: oldest first, stopping at the first one that cannot join (first come, first
+        served). Static: any compatible request that fits, from anywhere in the queue.
+        """
+        limit = self.settings.max_batch_size
+        joiners = []
+        for handle in list(self._pending):
+            fits = images + handle.images <= limit and self._group_of(handle.request) == group
+            if fits:
+                self._pending.remove(handle)
+                joiners.append(handle)
+                images += handle.images
+            elif self.continuous:
+                break
+        return joiners
+
+    def _start(self, handle: RequestHandle) -> None:
+        """Prepare a request (prompt encoding, noise) and add it to the running set."""
+        reason = handle.stop_reason()
+        if reason is not None:
+            log.info("req=%s not run: %s", handle.request.request_id, reason)
+            handle.resolve(reason)
+            return
+        handle.started_at = time.monotonic()
+        model = handle.model
+        self.metrics.request_started(model.name, handle.started_at - handle.enqueued_at)
+        request = handle.request
+        log.info("req=%s started (%d running): %dx%d, %d steps of %s", request.request_id,
+                 len(self._running) + 1, request.width, request.height, request.steps, request.scheduler)
+        try:
+            handle.state = model.pipeline.prepare(request, handle)
         except Exception as exc:
-            if not is_out_of_memory(exc):  # a bug or a backend failure: the server keeps serving
-                log.exception("batch req=%s failed", ids)
-                outcomes = [exc] * len(batch)
-            else:
-                release_cached_memory(model.backend.device)
-                if len(batch) > 1:
-                    self.running = []
-                    self.metrics.out_of_memory(model.name, "batch", sum(h.images for h in batch))
-                    half = (len(batch) + 1) // 2
-                    log.warning("batch req=%s ran out of memory; retrying it as %d + %d requests",
-                                ids, half, len(batch) - half)
-                    self._run_splitting(batch[:half])
-                    self._run_splitting(batch[half:])
-                    return
-                request = batch[0].request
-                outcomes = [ResourceExhausted(
-                    f"request {request.request_id} does not fit in {model.backend.device} memory even alone "
-                    f"({request.num_images} image(s) of {request.width}x{request.height}); "
-                    "try fewer images or a smaller size"
-                )]
-        finally:
-            self.running = []
-        for handle, outcome in zip(batch, outcomes):
-            self._resolve(handle, outcome)
+            if not isinstance(exc, DiffusiondError):
+                log.exception("req=%s failed while preparing", request.request_id)
+            self._resolve(handle, exc)
+            return
+        with self._cond:
+            self._running.append(handle)
+
+    def _finish(self, handle: RequestHandle, state: RequestState) -> None:
+        """Decode a request that has taken its last step (or take the reason it stopped) and resolve it."""
+        try:
+            outcome: GenerationResult | BaseException = handle.model.pipeline.finish(
+                state, _ModelMetrics(handle.model.name, self.metrics)
+            )
+        except Exception as exc:
+            if exc is not state.error and not isinstance(exc, DiffusiondError):
+                log.exception("req=%s failed while decoding", handle.request.request_id)
+            outcome = exc
+        self._retire(handle, outcome)
+
+    def _retire(self, handle: RequestHandle, outcome: GenerationResult | BaseException) -> None:
+        with self._cond:
+            if handle in self._running:
+                self._running.remove(handle)
+            handle.state = None
+            self._cond.notify_all()
+        self._resolve(handle, outcome)
 
     def _resolve(self, handle: RequestHandle, outcome: GenerationResult | BaseException) -> None:
         request = handle.request
@@ -443,3 +507,10 @@ class Engine:
         inference_s = time.monotonic() - (handle.started_at or handle.enqueued_at)
         self.metrics.request_finished(handle.model.name, inference_s, not isinstance(outcome, BaseException))
         handle.resolve(outcome)
+
+    def _publish_positions(self) -> None:
+        with self._cond:
+            waiting = list(self._pending)
+            ahead = 1 if self._running else 0
+        for position, handle in enumerate(waiting, start=ahead):
+            handle.queued(position)

@@ -1,8 +1,9 @@
-"""Loading models into ready pipelines, and finding them by name."""
+"""Loading models into ready pipelines, warming them up, and finding them by name."""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from diffusiond.backends.base import Backend, BackendSettings
 from diffusiond.backends.registry import create_backend
 from diffusiond.errors import FailedPrecondition, NotFound
 from diffusiond.models.config import ModelConfig, load_model_config
-from diffusiond.pipeline.limits import ModelLimits
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
+from diffusiond.service.limits import ModelLimits
+from diffusiond.service.resolver import GenerationParams, resolve
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,14 @@ def load_model(
         config.default_size, pipeline.schedulers.default_name,
     )
     return LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One short generation at the default size, so the first client does not pay for lazy initialisation."""
+    started = time.perf_counter()
+    request = resolve(GenerationParams(prompt="warm up", steps=1, seed=0, request_id="warmup"), model)
+    model.pipeline.generate(request)
+    log.info("warmed up %s in %.2fs", model.name, time.perf_counter() - started)
 
 
 class ModelRegistry:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from diffusiond.api.v1 import diffusion_pb2 as pb
-from diffusiond.models.registry import LoadedModel
-from diffusiond.pipeline.request import GenerationRequest
+from diffusiond.pipeline.request import GenerationRequest, Timings
+from diffusiond.service.models import LoadedModel
+from diffusiond.service.outputs import EncodedResult
 
 ResultKey = tuple[object, ...]
 ENTRY_OVERHEAD_BYTES = 512  # key, warnings and bookkeeping, roughly
@@ -39,15 +39,16 @@ def result_key(request: GenerationRequest, model: LoadedModel) -> ResultKey:
 
 @dataclass(frozen=True)
 class CachedResult:
-    images: tuple[pb.Image, ...]
-    warnings: tuple[str, ...]
+    result: EncodedResult
     size_bytes: int
 
     @classmethod
-    def from_response(cls, response: pb.GenerateResponse) -> CachedResult:
-        images = tuple(response.images)
-        size = sum(image.ByteSize() for image in images) + ENTRY_OVERHEAD_BYTES
-        return cls(images, tuple(response.warnings), size)
+    def of(cls, result: EncodedResult) -> CachedResult:
+        return cls(result, result.size_bytes + ENTRY_OVERHEAD_BYTES)
+
+    def answer(self, request: GenerationRequest) -> EncodedResult:
+        """The cached images as the answer to ``request``: its id, zero timings, marked as from the cache."""
+        return replace(self.result, request=request, timings=Timings(), from_cache=True)
 
 
 @dataclass

@@ -1,0 +1,205 @@
+"""Protobuf messages <-> the service layer's domain objects, in both directions.
+
+The one place that knows both: the servicer decodes requests and encodes
+results and events here, and nothing below the server imports protobuf.
+Enum values a client sends that this server does not know are refused here
+(INVALID_ARGUMENT naming the field), since only the wire can carry them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from diffusiond.api.v1 import diffusion_pb2 as pb
+from diffusiond.errors import InvalidArgument
+from diffusiond.pipeline.request import ImageFormat, PreviewKind
+from diffusiond.service.batcher import QueuedInfo
+from diffusiond.service.models import LoadedModel
+from diffusiond.service.outputs import EncodedImage, EncodedResult, StartedEvent, StepEvent
+from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id
+
+REQUEST_ID_METADATA_KEY = "x-request-id"
+
+IMAGE_FORMATS = {
+    pb.IMAGE_FORMAT_UNSPECIFIED: ImageFormat.PNG,
+    pb.IMAGE_FORMAT_PNG: ImageFormat.PNG,
+    pb.IMAGE_FORMAT_JPEG: ImageFormat.JPEG,
+    pb.IMAGE_FORMAT_WEBP: ImageFormat.WEBP,
+}
+PREVIEW_KINDS = {
+    pb.PREVIEW_KIND_UNSPECIFIED: PreviewKind.NONE,
+    pb.PREVIEW_KIND_LATENT: PreviewKind.LATENT,
+    pb.PREVIEW_KIND_APPROX_RGB: PreviewKind.APPROX_RGB,
+    pb.PREVIEW_KIND_FULL: PreviewKind.FULL,
+}
+_FORMAT_TO_PROTO = {ImageFormat.PNG: pb.IMAGE_FORMAT_PNG, ImageFormat.JPEG: pb.IMAGE_FORMAT_JPEG,
+                    ImageFormat.WEBP: pb.IMAGE_FORMAT_WEBP}
+_PREVIEW_TO_PROTO = {kind: value for value, kind in PREVIEW_KINDS.items()}
+_TENSOR_DTYPES = {np.dtype("float32"): pb.DATA_TYPE_FLOAT32, np.dtype("float16"): pb.DATA_TYPE_FLOAT16}
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+def request_id_of(msg: pb.GenerateRequest, metadata: Sequence[tuple[str, Any]] = ()) -> str:
+    """The request's id: the field, else the ``x-request-id`` call metadata (as tracing
+    proxies set it), else a fresh one. Taken first, so every error can carry it."""
+    if msg.request_id:
+        return check_request_id(msg.request_id)
+    rid = next((str(v) for k, v in metadata if k == REQUEST_ID_METADATA_KEY), "")
+    return check_request_id(rid, f"metadata {REQUEST_ID_METADATA_KEY}")
+
+
+def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) -> GenerationParams:
+    if msg.output_format not in IMAGE_FORMATS:
+        raise InvalidArgument(
+            "output_format", f"unknown value {msg.output_format}; use IMAGE_FORMAT_PNG, _JPEG or _WEBP"
+        )
+    if msg.preview.kind not in PREVIEW_KINDS:
+        raise InvalidArgument(
+            "preview.kind", f"unknown value {msg.preview.kind}; use PREVIEW_KIND_LATENT, _APPROX_RGB or _FULL"
+        )
+    return GenerationParams(
+        request_id=msg.request_id if request_id is None else request_id,
+        model=msg.model,
+        prompt=msg.prompt,
+        negative_prompt=msg.negative_prompt,
+        width=msg.width,
+        height=msg.height,
+        steps=msg.steps,
+        guidance_scale=msg.guidance_scale if msg.HasField("guidance_scale") else None,
+        seed=msg.seed if msg.HasField("seed") else None,
+        num_images=msg.num_images,
+        scheduler=msg.scheduler,
+        output_format=IMAGE_FORMATS[msg.output_format],
+        quality=msg.quality,
+        preview=PreviewParams(PREVIEW_KINDS[msg.preview.kind], msg.preview.every_n_steps, msg.preview.max_size),
+    )
+
+
+def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
+    msg = pb.GenerateRequest(
+        request_id=params.request_id,
+        model=params.model,
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        num_images=params.num_images,
+        scheduler=params.scheduler,
+        output_format=_FORMAT_TO_PROTO[params.output_format],
+        quality=params.quality,
+        preview=pb.PreviewOptions(
+            kind=_PREVIEW_TO_PROTO[params.preview.kind],
+            every_n_steps=params.preview.every_n_steps,
+            max_size=params.preview.max_size,
+        ),
+    )
+    if params.guidance_scale is not None:
+        msg.guidance_scale = params.guidance_scale
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+def image_to_proto(image: EncodedImage) -> pb.Image:
+    return pb.Image(data=image.data, mime_type=image.mime_type, width=image.width, height=image.height,
+                    seed=image.seed, index=image.index)
+
+
+def response_to_proto(result: EncodedResult) -> pb.GenerateResponse:
+    request, t = result.request, result.timings
+    return pb.GenerateResponse(
+        request_id=request.request_id,
+        images=[image_to_proto(image) for image in result.images],
+        seed=request.seed,
+        model=result.model,
+        backend=result.backend,
+        scheduler=request.scheduler,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        timings=pb.Timings(queue_s=t.queue_s, text_encode_s=t.text_encode_s, denoise_s=t.denoise_s,
+                           decode_s=t.decode_s, total_s=t.total_s),
+        warnings=result.warnings,
+        from_cache=result.from_cache,
+    )
+
+
+# -- progress events --------------------------------------------------------------------
+
+
+def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
+    """Row-major, little-endian bytes plus shape and dtype."""
+    dtype = _TENSOR_DTYPES[array.dtype]
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return pb.Tensor(shape=list(array.shape), dtype=dtype, data=little.tobytes())
+
+
+def started_to_proto(event: StartedEvent) -> pb.Started:
+    request = event.request
+    return pb.Started(
+        model=event.model,
+        backend=event.backend,
+        total_steps=event.total_steps,
+        seed=request.seed,
+        width=request.width,
+        height=request.height,
+        scheduler=request.scheduler,
+    )
+
+
+def step_to_proto(event: StepEvent) -> pb.Step:
+    info = event.info
+    step = pb.Step(
+        step=info.step, total_steps=info.total_steps, timestep=info.timestep, elapsed_s=info.elapsed_s,
+        eta_s=info.eta_s,
+    )
+    if info.preview is not None and info.preview_kind is PreviewKind.LATENT:
+        step.latents.CopyFrom(tensor_to_proto(info.preview))
+    step.previews.extend(image_to_proto(image) for image in event.images)
+    return step
+
+
+def event_to_proto(request_id: str, event: QueuedInfo | StartedEvent | StepEvent | EncodedResult) -> pb.ProgressEvent:
+    if isinstance(event, QueuedInfo):
+        return pb.ProgressEvent(request_id=request_id, queued=pb.Queued(position=event.position))
+    if isinstance(event, StartedEvent):
+        return pb.ProgressEvent(request_id=request_id, started=started_to_proto(event))
+    if isinstance(event, StepEvent):
+        return pb.ProgressEvent(request_id=request_id, step=step_to_proto(event))
+    return pb.ProgressEvent(request_id=request_id, result=response_to_proto(event))
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
+    limits = model.limits
+    return pb.ModelInfo(
+        name=model.name,
+        backend=model.backend.name,
+        source=model.source,
+        device=str(model.backend.device),
+        dtype=model.backend.dtype_name,
+        default_width=limits.default_width,
+        default_height=limits.default_height,
+        default_steps=limits.default_steps,
+        default_guidance_scale=limits.default_guidance_scale,
+        default_scheduler=model.schedulers.default_name,
+        schedulers=model.schedulers.names,
+        min_size=limits.min_size,
+        max_size=limits.max_size,
+        size_multiple=limits.size_multiple,
+        max_steps=limits.max_steps,
+        max_images=limits.max_images,
+        latent_channels=model.config.latent_channels,
+        latent_scaling_factor=model.config.scaling_factor,
+        is_default=is_default,
+    )

@@ -1,0 +1,142 @@
+"""What a client asked for -> a complete, validated ``GenerationRequest``.
+
+``GenerationParams`` is a request as a client sends it: zero, empty or None
+means "the model's default". ``resolve`` fills every default from the model,
+checks every field against the model's limits and draws a seed where none was
+given, once, so the pipeline never sees an unset value. Every front door (the
+gRPC servicer, warm-up, INT8 calibration, eval, the benchmarks) goes through
+it, so a request means the same thing wherever it comes from. Every check
+names the field and the allowed values, so a client can fix its request from
+the message alone.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from diffusiond.errors import FailedPrecondition, InvalidArgument
+from diffusiond.pipeline.previews import SD_LATENT_RGB
+from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec
+
+if TYPE_CHECKING:
+    from diffusiond.service.models import LoadedModel
+
+DEFAULT_QUALITY = 90
+MAX_REQUEST_ID_CHARS = 128
+RANDOM_SEED_BITS = 32  # random seeds stay short enough to read and type back
+SEED_LIMIT = 2**64
+
+
+@dataclass(frozen=True)
+class PreviewParams:
+    kind: PreviewKind = PreviewKind.NONE
+    every_n_steps: int = 0  # 0: every step
+    max_size: int = 0  # 0: the image's own size
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A request as the client sent it; 0 / "" / None select the model's default."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 0
+    scheduler: str = ""
+    output_format: ImageFormat = ImageFormat.PNG
+    quality: int = 0
+    preview: PreviewParams = field(default_factory=PreviewParams)
+    request_id: str = ""
+
+
+def require_range(field_name: str, value: int | float, low: int | float, high: int | float) -> None:
+    if not low <= value <= high:
+        raise InvalidArgument(field_name, f"must be between {low} and {high}, got {value}")
+
+
+def require_size(field_name: str, value: int, low: int, high: int, multiple: int) -> None:
+    if not low <= value <= high or value % multiple:
+        raise InvalidArgument(
+            field_name,
+            f"must be a multiple of {multiple} (the model's latent factor) between {low} and {high}, got {value}",
+        )
+
+
+def check_request_id(request_id: str, field_name: str = "request_id") -> str:
+    """A client's id (at most 128 printable characters), or a fresh one when it gave none."""
+    if not request_id:
+        return uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+        raise InvalidArgument(field_name, f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+    return request_id
+
+
+def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
+    """The complete request ``params`` asks of ``model``; InvalidArgument names the first bad field."""
+    limits = model.limits
+    request_id = check_request_id(params.request_id)
+    if not params.prompt.strip():
+        raise InvalidArgument("prompt", "must not be empty")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(params, name)
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidArgument(name, f"must be at most {limits.max_prompt_chars} characters, got {len(text)}")
+
+    width = params.width or limits.default_width
+    height = params.height or limits.default_height
+    steps = params.steps or limits.default_steps
+    num_images = params.num_images or 1
+    guidance = limits.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
+    quality = params.quality or DEFAULT_QUALITY
+    preview_every = params.preview.every_n_steps or 1
+
+    require_size("width", width, limits.min_size, limits.max_size, limits.size_multiple)
+    require_size("height", height, limits.min_size, limits.max_size, limits.size_multiple)
+    for name, value, low, high in (
+        ("steps", steps, 1, limits.max_steps),
+        ("num_images", num_images, 1, limits.max_images),
+        ("quality", quality, 1, 100),
+        ("preview.every_n_steps", preview_every, 1, limits.max_steps),
+        ("preview.max_size", params.preview.max_size, 0, limits.max_preview_size),
+    ):
+        require_range(name, value, low, high)
+    if not math.isfinite(guidance):
+        raise InvalidArgument("guidance_scale", f"must be a finite number, got {guidance}")
+    require_range("guidance_scale", guidance, 0.0, limits.max_guidance_scale)
+    if params.seed is not None and not 0 <= params.seed < SEED_LIMIT:
+        raise InvalidArgument("seed", f"must be between 0 and 2^64 - 1, got {params.seed}")
+
+    preview_kind = params.preview.kind
+    if preview_kind is PreviewKind.APPROX_RGB and model.config.latent_channels != SD_LATENT_RGB.shape[0]:
+        raise FailedPrecondition(
+            f"preview.kind: PREVIEW_KIND_APPROX_RGB needs {SD_LATENT_RGB.shape[0]}-channel latents; model "
+            f"{model.name!r} has {model.config.latent_channels} (use PREVIEW_KIND_FULL or PREVIEW_KIND_LATENT)"
+        )
+
+    scheduler = model.schedulers.resolve(params.scheduler)
+    seed = params.seed if params.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
+    return GenerationRequest(
+        request_id=request_id,
+        model=model.name,
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=float(guidance),
+        seed=seed,
+        num_images=num_images,
+        scheduler=scheduler,
+        output_format=params.output_format,
+        quality=quality,
+        preview=PreviewSpec(preview_kind, preview_every, params.preview.max_size),
+    )
