@@ -128,7 +128,7 @@ class Bench:
         generate()
         e2e, runs = timed(generate, self.args.repeats)
         self.record("diffusers StableDiffusionPipeline fp32 (baseline)", step, e2e, runs)
-        del pipe
+        pipe = None  # frees the pipeline; the closures above hold only its cell
         gc.collect()
 
     def run_ours(self, label: str, model_dir: Path, backend: str, dtype: str = "fp32", *, unet_repeats=None,
@@ -163,7 +163,7 @@ class Bench:
                 info["image_psnr_vs_eager_fp32_db"] = round(psnr(generate.image, self.reference_image), 2)
         self.record(label, step, e2e_s, runs, **info)
         model.backend.close()
-        del model
+        model = None  # frees the model; the closure above holds only its cell
         gc.collect()
         torch.set_num_threads(self.args.threads)
         return step

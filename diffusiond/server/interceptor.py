@@ -113,11 +113,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = self._begin(method)
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
+                self._record(call)
+                return response
             except BaseException as exc:
                 await self._fail(call, exc, context)
             finally:
-                self._end(call)
+                self.calls.end()
 
         return unary
 
@@ -127,10 +129,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for item in behavior(request, context):
                     yield item
+                self._record(call)
             except BaseException as exc:
                 await self._fail(call, exc, context)
             finally:
-                self._end(call)
+                self.calls.end()
 
         return stream
 
@@ -140,8 +143,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.calls.begin()
         return call
 
-    def _end(self, call: CallInfo) -> None:
-        self.calls.end()
+    def _record(self, call: CallInfo) -> None:
+        """Count the call with its final status, before the client can see that status."""
         if self._metrics is not None:
             self._metrics.rpc_finished(call.method, call.code.name, time.perf_counter() - call.started)
 
@@ -151,9 +154,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
             call.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            self._record(call)
             raise exc
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
-            call.code = grpc.StatusCode.UNKNOWN if call.code is grpc.StatusCode.OK else call.code
+            call.code = grpc.StatusCode.UNKNOWN
+            self._record(call)
             raise exc
         code = status_for(exc)
         if code is grpc.StatusCode.INTERNAL:
@@ -163,5 +168,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             log.info("req=%s %s -> %s: %s", call.request_id, call.method, code.name, exc)
             message = str(exc)
         call.code = code
+        self._record(call)
         await context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
