@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from diffusiond.client.cli import add_connection_arguments, add_generate_arguments, run_generate, run_models
+from diffusiond.server.logs import configure_logging
 
 log = logging.getLogger("diffusiond")
 MIB = 1024 * 1024
@@ -73,6 +75,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="refuse an export whose manifest says another precision")
     ort.add_argument("--expect-source-hash", default="", metavar="SHA256",
                      help="refuse an export made from another source model (a prefix of 12+ hex digits)")
+    security = parser.add_argument_group("security (README: Security)")
+    security.add_argument("--auth-tokens", default="", metavar="FILE",
+                          help="require 'authorization: Bearer <token>' on every call but health; FILE holds "
+                          "name:token lines and is re-read when it changes and on SIGHUP (default: the "
+                          "DIFFUSIOND_AUTH_TOKENS variable's name:token pairs, else no authentication)")
+    security.add_argument("--no-reflection", action="store_true", help="do not serve gRPC server reflection")
+    security.add_argument("--tls-cert", default="", metavar="PEM", help="serve TLS with this certificate chain")
+    security.add_argument("--tls-key", default="", metavar="PEM", help="the certificate's private key")
+    security.add_argument("--tls-client-ca", default="", metavar="PEM",
+                          help="mutual TLS: refuse clients without a certificate signed by this CA")
+    security.add_argument("--per-client-max-inflight", type=int, default=0,
+                          help="most generation calls one client (token, else address) may have queued or running "
+                          "(0: no limit)")
+    security.add_argument("--per-client-rate", type=float, default=0.0,
+                          help="generation calls per second one client may start, on average (0: no limit)")
+    security.add_argument("--per-client-burst", type=int, default=0,
+                          help="calls a client may start at once within its rate (default: the rate, at least 1)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -82,6 +101,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from diffusiond.errors import DiffusiondError
     from diffusiond.models.sources import ModelSource
     from diffusiond.server.app import ServerSettings
+    from diffusiond.server.auth import ENV_VAR as AUTH_TOKENS_ENV
+    from diffusiond.server.limits import ClientLimitSettings
     from diffusiond.service.batcher import BatcherSettings
 
     if args.threads > 0:
@@ -123,6 +144,13 @@ def run_serve(args: argparse.Namespace) -> int:
             compression=args.compression,
             max_send_message_bytes=None if args.max_send_message_mb is None else int(args.max_send_message_mb * MIB),
             max_receive_message_bytes=int(args.max_receive_message_mb * MIB),
+            auth_tokens_file=args.auth_tokens,
+            auth_tokens_text="" if args.auth_tokens else os.environ.get(AUTH_TOKENS_ENV, ""),
+            reflection=not args.no_reflection,
+            tls=_tls_settings(args),
+            client_limits=ClientLimitSettings(
+                max_inflight=args.per_client_max_inflight, rate=args.per_client_rate, burst=args.per_client_burst
+            ),
         )
     except (ValueError, DiffusiondError) as exc:  # a flag out of range
         log.error("cannot serve: %s", exc)
@@ -135,6 +163,17 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 2
+
+
+def _tls_settings(args: argparse.Namespace):
+    from diffusiond.errors import InvalidArgument
+    from diffusiond.server.tls import TlsSettings
+
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise InvalidArgument("--tls-cert/--tls-key", "TLS needs both the certificate and its key")
+    return TlsSettings(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
 
 
 def _source_hash_arg(text: str) -> str:
@@ -154,6 +193,7 @@ async def _serve(settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
     await server.start()
     loader = asyncio.create_task(server.load())
     stopper = asyncio.create_task(stop.wait())
@@ -399,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(level)
     return int(args.func(args))
 
 

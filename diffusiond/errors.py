@@ -9,6 +9,19 @@ and becomes INTERNAL.
 
 from __future__ import annotations
 
+SHOWN_CHARS = 100
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied value as it may appear in a message or a log line: quoted, with control
+    characters escaped, and cut to ``limit`` characters with an ellipsis, so that no input can
+    forge a log line or swell a status message past gRPC's header limit."""
+    text = str(value)
+    cut = len(text) > limit
+    escaped = repr(text[:limit])
+    return f"{escaped}... ({len(text)} characters)" if cut else escaped
+
+
 
 class DiffusiondError(Exception):
     """Base class: a failure with a message meant for the client."""
@@ -48,6 +61,10 @@ class FailedPrecondition(DiffusiondError):
 
 class Unavailable(DiffusiondError):
     """The server is loading or draining; retrying later may succeed."""
+
+
+class Unauthenticated(DiffusiondError):
+    """The call carries no valid credentials (a missing or unknown bearer token)."""
 
 
 class Cancelled(DiffusiondError):

@@ -59,7 +59,7 @@ def test_request_id_comes_from_the_field_then_the_metadata():
 
 def requests_total(server, method: str, code: str) -> float:
     value = server.server.metrics.registry.get_sample_value(
-        "diffusiond_requests_total", {"method": method, "code": code}
+        "diffusiond_requests_total", {"method": method, "code": code, "client": "-"}
     )
     return value or 0.0
 

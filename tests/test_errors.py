@@ -50,7 +50,8 @@ def call(client, request: pb.GenerateRequest) -> ClientError:
         (dict(quality=101), ["quality", "between 1 and 100"]),
         (dict(preview_kind=9), ["preview.kind", "unknown value 9"]),
         (dict(preview_every=-1), ["preview.every_n_steps", "between 1 and 200"]),
-        (dict(request_id="x" * 200), ["request_id", "at most 128"]),
+        (dict(request_id="x" * 200), ["request_id", "1 to 128 printable ASCII", "got 200 characters"]),
+        (dict(request_id="a b"), ["request_id", "without spaces"]),
     ],
 )
 def test_invalid_argument_names_the_field(client, fields, expected):

@@ -278,8 +278,8 @@ def test_metrics_endpoint_counts_what_happened(bclient, batch_server, faulty):
         bclient.generate("", **fields)
     after = scrape(batch_server)
 
-    assert delta("diffusiond_requests_total", method="Generate", code="OK") == 2
-    assert delta("diffusiond_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert delta("diffusiond_requests_total", method="Generate", code="OK", client="-") == 2
+    assert delta("diffusiond_requests_total", method="Generate", code="INVALID_ARGUMENT", client="-") == 1
     assert delta("diffusiond_request_duration_seconds_count", method="Generate") == 3
     assert delta("diffusiond_queue_wait_seconds_count", model="builtin") == 1
     assert delta("diffusiond_inference_seconds_count", model="builtin") == 1

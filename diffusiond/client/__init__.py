@@ -17,7 +17,9 @@ from diffusiond.client.client import (
     GeneratedImage,
     GenerateResult,
     ProgressStream,
+    auth_metadata,
     build_request,
+    tls_credentials,
 )
 from diffusiond.client.tensors import tensor_to_numpy
 
@@ -28,6 +30,8 @@ __all__ = [
     "GenerateResult",
     "GeneratedImage",
     "ProgressStream",
+    "auth_metadata",
     "build_request",
     "tensor_to_numpy",
+    "tls_credentials",
 ]

@@ -7,6 +7,7 @@ printed as one line naming the status and the reason, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,18 @@ from pathlib import Path
 import grpc
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
-from diffusiond.client.client import FORMATS, PREVIEWS, ClientError, DiffusionClient, GeneratedImage, build_request
+from diffusiond.client.client import (
+    FORMATS,
+    PREVIEWS,
+    ClientError,
+    DiffusionClient,
+    GeneratedImage,
+    build_request,
+    tls_credentials,
+)
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+TOKEN_ENV = "DIFFUSIOND_TOKEN"
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
@@ -47,6 +57,23 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the call is abandoned")
     parser.add_argument("--gzip", action="store_true", help="gzip-compress requests (the server answers in kind "
                         "when started with --compression gzip)")
+    parser.add_argument("--token", default=None,
+                        help=f"bearer token for a server with --auth-tokens (default: ${TOKEN_ENV})")
+    parser.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--tls-key", default=None, help="client private key (PEM) for mutual TLS")
+
+
+def open_client(args: argparse.Namespace) -> DiffusionClient:
+    """A client for the connection flags: server, compression, token, TLS."""
+    secure = args.tls or args.tls_ca or args.tls_cert or args.tls_key
+    try:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if secure else None
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    return DiffusionClient(args.server, compression=_compression(args), credentials=credentials,
+                           token=args.token or os.environ.get(TOKEN_ENV) or None)
 
 
 def _compression(args: argparse.Namespace) -> grpc.Compression | None:
@@ -135,13 +162,15 @@ def run_generate(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     started = time.perf_counter()
     try:
-        with DiffusionClient(args.server, compression=_compression(args)) as client:
+        with open_client(args) as client:
             if args.stream:
                 response = _stream(client, request, args)
             else:
                 response = client.generate_request(request, timeout=args.timeout).response
     except ClientError as exc:
         return _fail(_explain(exc, args.server), 1)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
     images = [GeneratedImage.from_proto(i) for i in response.images]
     for image, path in zip(images, output_paths(Path(args.out), images)):
         image.save(path)
@@ -157,10 +186,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_models(args: argparse.Namespace) -> int:
     try:
-        with DiffusionClient(args.server, compression=_compression(args)) as client:
+        with open_client(args) as client:
             models = client.list_models(timeout=args.timeout)
     except ClientError as exc:
         return _fail(_explain(exc, args.server), 1)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
     for m in models:
         mark = " (default)" if m.is_default else ""
         sys.stdout.write(

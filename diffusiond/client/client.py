@@ -127,6 +127,24 @@ def build_request(
     return request
 
 
+def tls_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
+                    key: str | Path | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files: ``ca`` to trust the server (default: the system's roots),
+    ``cert`` and ``key`` to prove this client to a server that requires mutual TLS."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+
+    def read(path: str | Path | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+
+
+def auth_metadata(token: str | None) -> list[tuple[str, str]]:
+    """The ``authorization`` header a server with ``--auth-tokens`` asks for."""
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
 def _open_channel(
     api: Any,
     address: str,
@@ -172,11 +190,12 @@ class DiffusionClient:
         credentials: grpc.ChannelCredentials | None = None,
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: str | None = None,
     ) -> None:
         self._channel = _open_channel(grpc, address, credentials, compression, max_message_bytes)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
-        self.metadata = list(metadata or [])
+        self.metadata = [*auth_metadata(token), *(metadata or [])]
 
     def __enter__(self) -> DiffusionClient:
         return self
@@ -241,11 +260,12 @@ class AsyncDiffusionClient:
         credentials: grpc.ChannelCredentials | None = None,
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: str | None = None,
     ) -> None:
         self._channel = _open_channel(grpc.aio, address, credentials, compression, max_message_bytes)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
-        self.metadata = list(metadata or [])
+        self.metadata = [*auth_metadata(token), *(metadata or [])]
 
     async def __aenter__(self) -> AsyncDiffusionClient:
         return self

@@ -14,7 +14,7 @@ from typing import Any
 
 import diffusers
 
-from diffusiond.errors import NotFound
+from diffusiond.errors import NotFound, shown
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class SchedulerFactory:
             return self.default_name
         key = canonical_name(name)
         if key not in self._templates:
-            raise NotFound(f"scheduler {name!r} is not available; choose one of: {', '.join(self.names)}")
+            raise NotFound(f"scheduler {shown(name)} is not available; choose one of: {', '.join(self.names)}")
         return key
 
     def create(self, name: str) -> Any:

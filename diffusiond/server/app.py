@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,9 +25,12 @@ from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
 from diffusiond.backends.base import BackendSettings
 from diffusiond.models.sources import ModelSource, resolve_model_dir
 from diffusiond.server import transport
+from diffusiond.server.auth import TokenStore
 from diffusiond.server.interceptor import SERVICE_NAME, CallTracker, ServiceInterceptor
+from diffusiond.server.limits import ClientLimits, ClientLimitSettings
 from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetrics
 from diffusiond.server.servicer import DiffusionServicer
+from diffusiond.server.tls import TlsSettings, server_credentials
 from diffusiond.service.batcher import Batcher, BatcherSettings
 from diffusiond.service.generation import GenerationService
 from diffusiond.service.limits import ModelLimits
@@ -58,6 +62,12 @@ class ServerSettings:
     result_cache_bytes: int = 0  # 0: no result cache
     metrics_host: str | None = None  # None: the gRPC host
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    # Authentication: name:token pairs from a file (re-read when it changes, and on SIGHUP) or as text.
+    auth_tokens_file: str = ""
+    auth_tokens_text: str = ""
+    reflection: bool = True  # behind authentication when it is on
+    tls: TlsSettings | None = None
+    client_limits: ClientLimitSettings = field(default_factory=ClientLimitSettings)
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -70,6 +80,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be at least 1024 bytes, got {value}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must not be negative, got {self.grace_period_s}")
+        if self.auth_tokens_file and self.auth_tokens_text:
+            raise ValueError("give auth tokens in a file or as text, not both")
 
     @property
     def send_limit_bytes(self) -> int:
@@ -77,6 +89,14 @@ class ServerSettings:
             return self.max_send_message_bytes
         side = max(self.max_size, transport.LARGEST_NATIVE_SIZE)
         return transport.largest_response_bytes(side, ModelLimits.max_images)
+
+
+def _token_store(settings: ServerSettings) -> TokenStore | None:
+    if settings.auth_tokens_file:
+        return TokenStore(path=Path(settings.auth_tokens_file))
+    if settings.auth_tokens_text:
+        return TokenStore(text=settings.auth_tokens_text)
+    return None
 
 
 class DiffusionServer:
@@ -88,6 +108,7 @@ class DiffusionServer:
         self.result_cache = ResultCache(settings.result_cache_bytes) if settings.result_cache_bytes > 0 else None
         self.service = GenerationService(self.registry, self.batcher, self.result_cache)
         self.calls = CallTracker()
+        self.tokens = _token_store(settings)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -109,26 +130,41 @@ class DiffusionServer:
         server = grpc.aio.server(
             options=options,
             compression=transport.compression_named(settings.compression),
-            interceptors=[ServiceInterceptor(self.calls, self.metrics)],
+            interceptors=[
+                ServiceInterceptor(self.calls, self.metrics, self.tokens, ClientLimits(settings.client_limits))
+            ],
         )
         pb_grpc.add_DiffusionServicer_to_server(DiffusionServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                server,
+            )
         address = f"{self.settings.host}:{self.settings.port}"
-        port = server.add_insecure_port(address)
+        if settings.tls is not None:
+            port = server.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"could not bind {address}")
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server, self.port = server, port
-        log.info("listening on %s:%d", self.settings.host, port)
+        log.info(
+            "listening on %s:%d (%s, %s)", self.settings.host, port,
+            "plaintext" if settings.tls is None else ("mutual TLS" if settings.tls.client_ca else "TLS"),
+            f"tokens: {', '.join(self.tokens.names)}" if self.tokens is not None else "no authentication",
+        )
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
         return port
+
+    def reload_tokens(self) -> None:
+        """Read the auth tokens file again (SIGHUP)."""
+        if self.tokens is not None:
+            self.tokens.reload()
 
     async def load(self) -> None:
         """Load and warm up every model off the event loop, start the batcher, turn health SERVING."""

@@ -1,17 +1,21 @@
-"""The one server interceptor every Diffusion RPC passes through.
+"""The one server interceptor every RPC passes through.
 
 It holds what every method shares, so the servicer holds none of it:
 
-- call tracking: the RPCs in flight, so a draining server knows when every
-  accepted request has been answered;
+- request bytes that are not a valid message get INVALID_ARGUMENT naming the
+  message type (gRPC's own handling would answer UNKNOWN and log a traceback);
+- authentication (when tokens are configured): every method but health needs
+  ``authorization: Bearer <token>``; the token's name identifies the client;
+- per-client limits on generation calls (in flight, rate);
+- call tracking: the Diffusion RPCs in flight, so a draining server knows when
+  every accepted request has been answered;
 - the exception -> status mapping (``status.status_for``): a ``DiffusiondError``
-  becomes its status with its message, anything else is a bug, logged with its
-  traceback and answered INTERNAL without internals;
-- metrics: every RPC's final status code and duration;
+  becomes its status with its message (cut to ``MAX_MESSAGE_CHARS`` so the
+  status always fits gRPC's header limit), anything else is a bug, logged with
+  its traceback and answered INTERNAL without internals;
+- metrics: every Diffusion RPC's final status code, client and duration;
 - the request id in the log line of a failed call (the servicer names it in
   ``CallInfo`` once it has read it).
-
-Health checking and reflection pass through untouched.
 """
 
 from __future__ import annotations
@@ -27,12 +31,19 @@ from typing import Any, NoReturn
 import grpc
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
+from diffusiond.errors import InvalidArgument, Unauthenticated
+from diffusiond.server.auth import TokenStore, bearer_token
+from diffusiond.server.limits import ClientLimits, peer_address
 from diffusiond.server.metrics import ServerMetrics
 from diffusiond.server.status import status_for
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+LIMITED_METHODS = ("Generate", "StreamProgress")  # the calls that take a place in the queue
+MAX_MESSAGE_CHARS = 4000  # well under the 8 KB headers most clients accept
+ANONYMOUS = "-"
 
 
 @dataclass
@@ -41,11 +52,38 @@ class CallInfo:
 
     method: str
     request_id: str = "-"
+    client: str = ANONYMOUS  # the token's name when authentication is on
+    limited_as: str | None = None  # the key holding a per-client place, until the call ends
     code: grpc.StatusCode = grpc.StatusCode.OK
     started: float = field(default_factory=time.perf_counter)
 
 
 current_call: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("diffusiond_call")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call can be answered properly."""
+
+    type_name: str
+    size: int
+    reason: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument("request", f"not a valid {self.type_name} ({self.size} bytes: {self.reason[:200]})")
+
+
+def safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = getattr(message_type, "name", "request message")
+
+    def deserialize_or_mark(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError, and whatever a parser raises on garbage
+            return Undecodable(type_name, len(data), str(exc) or type(exc).__name__)
+
+    return deserialize_or_mark
 
 
 class CallTracker:
@@ -79,9 +117,25 @@ class CallTracker:
         return True
 
 
+_HANDLER_MAKERS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, calls: CallTracker, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        calls: CallTracker,
+        metrics: ServerMetrics | None = None,
+        tokens: TokenStore | None = None,
+        limits: ClientLimits | None = None,
+    ) -> None:
         self.calls = calls
+        self.tokens = tokens
+        self.limits = limits
         self._metrics = metrics
         self._prefix = f"/{SERVICE_NAME}/"
 
@@ -91,49 +145,55 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method_path = handler_call_details.method
-        if handler is None or not method_path.startswith(self._prefix):
+        if handler is None:
             return handler
-        method = method_path[len(self._prefix) :]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        path = handler_call_details.method
+        kind = next((k for k in _HANDLER_MAKERS if getattr(handler, k) is not None), None)
+        if kind is None:
+            return handler
+        behavior = getattr(handler, kind)
+        if path.startswith(self._prefix):
+            wrapped = self._tracked(kind, path[len(self._prefix) :], behavior)
+        else:
+            wrapped = self._guarded(kind, behavior, needs_token=not path.startswith(HEALTH_PREFIX))
+        deserializer = handler.request_deserializer
+        return _HANDLER_MAKERS[kind](
+            wrapped,
+            request_deserializer=safe_deserializer(deserializer) if deserializer is not None else None,
+            response_serializer=handler.response_serializer,
+        )
 
-    def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = self._begin(method)
-            try:
-                response = await behavior(request, context)
-                self._record(call)
-                return response
-            except BaseException as exc:
-                await self._fail(call, exc, context)
-            finally:
-                self.calls.end()
+    # -- the Diffusion service: every check, tracking, status mapping, metrics --------------
 
-        return unary
+    def _tracked(self, kind: str, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        streaming_in = kind.startswith("stream_")
+        if kind.endswith("_unary"):
 
-    def _stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = self._begin(method)
+                try:
+                    request = self._admit(call, request, context, streaming_in)
+                    response = await behavior(request, context)
+                    self._record(call)
+                    return response
+                except BaseException as exc:
+                    await self._fail(call, exc, context)
+                finally:
+                    self._end(call)
+
+            return unary
+
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = self._begin(method)
             try:
+                request = self._admit(call, request, context, streaming_in)
                 async for item in behavior(request, context):
                     yield item
                 self._record(call)
             except BaseException as exc:
                 await self._fail(call, exc, context)
             finally:
-                self.calls.end()
+                self._end(call)
 
         return stream
 
@@ -143,10 +203,36 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.calls.begin()
         return call
 
+    def _admit(self, call: CallInfo, request: Any, context: grpc.aio.ServicerContext, streaming_in: bool) -> Any:
+        """The checks before any work: a decodable request, a known token, room within the client's limits."""
+        request = _checked(request, streaming_in)
+        call.client = self._authenticate(context)
+        if self.limits is not None and self.limits.settings.enabled and call.method in LIMITED_METHODS:
+            key = call.client if self.tokens is not None else peer_address(context.peer() or "")
+            self.limits.acquire(key)
+            call.limited_as = key
+        return request
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
+        if self.tokens is None:
+            return ANONYMOUS
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            raise Unauthenticated("this server needs an 'authorization: Bearer <token>' header")
+        name = self.tokens.name_for(token)
+        if name is None:
+            raise Unauthenticated("the bearer token is not one this server knows")
+        return name
+
+    def _end(self, call: CallInfo) -> None:
+        if call.limited_as is not None and self.limits is not None:
+            self.limits.release(call.limited_as)
+        self.calls.end()
+
     def _record(self, call: CallInfo) -> None:
         """Count the call with its final status, before the client can see that status."""
         if self._metrics is not None:
-            self._metrics.rpc_finished(call.method, call.code.name, time.perf_counter() - call.started)
+            self._metrics.rpc_finished(call.method, call.code.name, call.client, time.perf_counter() - call.started)
 
     async def _fail(self, call: CallInfo, exc: BaseException, context: grpc.aio.ServicerContext) -> NoReturn:
         """Record how the call ended; answer an exception with the status the table gives it."""
@@ -160,14 +246,66 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             call.code = grpc.StatusCode.UNKNOWN
             self._record(call)
             raise exc
-        code = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("req=%s %s failed with an internal error", call.request_id, call.method, exc_info=exc)
-            message = f"internal error while serving request {call.request_id}; the server log has details"
-        else:
-            log.info("req=%s %s -> %s: %s", call.request_id, call.method, code.name, exc)
-            message = str(exc)
-        call.code = code
+        call.code = status_for(exc)
         self._record(call)
-        await context.abort(code, message)
-        raise AssertionError("unreachable")  # context.abort raises
+        await _abort(context, exc, f"req={call.request_id} client={call.client} {call.method}", call.request_id)
+
+    # -- other services (reflection; health needs no token) --------------------------------
+
+    def _guarded(self, kind: str, behavior: Callable[..., Any], needs_token: bool) -> Callable[..., Any]:
+        streaming_in = kind.startswith("stream_")
+
+        def admit(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request = _checked(request, streaming_in)
+            if needs_token:
+                self._authenticate(context)
+            return request
+
+        if kind.endswith("_unary"):
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(admit(request, context), context)
+                except (InvalidArgument, Unauthenticated) as exc:
+                    await _abort(context, exc, "call", "-")
+
+            return unary
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in behavior(admit(request, context), context):
+                    yield item
+            except (InvalidArgument, Unauthenticated) as exc:
+                await _abort(context, exc, "call", "-")
+
+        return stream
+
+
+def _checked(request: Any, streaming_in: bool) -> Any:
+    """The request, or for a request stream an iterator that stops at the first undecodable message."""
+    if not streaming_in:
+        if isinstance(request, Undecodable):
+            raise request.error()
+        return request
+
+    async def messages() -> AsyncIterator[Any]:
+        async for message in request:
+            if isinstance(message, Undecodable):
+                raise message.error()
+            yield message
+
+    return messages()
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, what: str, request_id: str) -> NoReturn:
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed with an internal error", what, exc_info=exc)
+        message = f"internal error while serving request {request_id}; the server log has details"
+    else:
+        message = str(exc)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "... (cut)"
+        log.info("%s -> %s: %s", what, code.name, message)
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises

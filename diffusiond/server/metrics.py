@@ -35,7 +35,8 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "diffusiond_requests", "RPCs finished, by method and gRPC status code.", ["method", "code"], registry=r
+            "diffusiond_requests", "RPCs finished, by method, gRPC status code and client (the auth token's name; "
+            "- without authentication).", ["method", "code", "client"], registry=r
         )
         self.request_duration = Histogram(
             "diffusiond_request_duration_seconds",
@@ -114,8 +115,8 @@ class ServerMetrics:
 
     # -- servicer -------------------------------------------------------------
 
-    def rpc_finished(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
+    def rpc_finished(self, method: str, code: str, client: str, seconds: float) -> None:
+        self.requests.labels(method, code, client).inc()
         self.request_duration.labels(method).observe(seconds)
 
     # -- HTTP -----------------------------------------------------------------

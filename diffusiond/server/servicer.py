@@ -8,13 +8,15 @@ and turns exceptions into statuses.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
+from diffusiond.errors import shown
 from diffusiond.server import codec
-from diffusiond.server.interceptor import current_call
+from diffusiond.server.interceptor import ANONYMOUS, current_call
 from diffusiond.service.generation import GenerationService, deadline_in
 from diffusiond.service.resolver import GenerationParams
 
@@ -41,10 +43,9 @@ class DiffusionServicer(pb_grpc.DiffusionServicer):
 
 def _params(request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationParams:
     """The request's parameters, its id first (from the field or call metadata), so errors name it."""
-    call = current_call.get(None)
-    if call is not None:
-        call.request_id = request.request_id or "-"
+    call = current_call.get()
+    call.request_id = shown(request.request_id) if request.request_id else "-"  # until it is checked
     request_id = codec.request_id_of(request, context.invocation_metadata() or ())
-    if call is not None:
-        call.request_id = request_id
-    return codec.params_from_proto(request, request_id)
+    call.request_id = request_id
+    params = codec.params_from_proto(request, request_id)
+    return params if call.client == ANONYMOUS else replace(params, client=call.client)

@@ -59,7 +59,7 @@ class GenerationService:
         if cached is not None:
             log.info("req=%s answered from the result cache", request.request_id)
             return cached.answer(request)
-        handle = self._submit(request, model, deadline, stream=False)
+        handle = self._submit(request, model, deadline, params.client, stream=False)
         try:
             result = await handle.outcome
         finally:
@@ -79,7 +79,7 @@ class GenerationService:
             yield StartedEvent(request, model.name, model.backend.name, total)
             yield cached.answer(request)
             return
-        handle = self._submit(request, model, deadline, stream=True)
+        handle = self._submit(request, model, deadline, params.client, stream=True)
         assert handle.events is not None
         try:
             while (item := await handle.events.get()) is not None:
@@ -101,14 +101,14 @@ class GenerationService:
     # -- helpers ----------------------------------------------------------------------
 
     def _submit(
-        self, request: GenerationRequest, model: LoadedModel, deadline: float | None, stream: bool
+        self, request: GenerationRequest, model: LoadedModel, deadline: float | None, client: str, stream: bool
     ) -> RequestHandle:
         events = EventChannel(self.batcher.settings.max_buffered_previews) if stream else None
         handle = RequestHandle(request, model, asyncio.get_running_loop(), deadline, events)
         log.info(
-            "req=%s accepted: model=%s %dx%d steps=%d scheduler=%s images=%d seed=%d",
-            request.request_id, model.name, request.width, request.height, request.steps,
-            request.scheduler, request.num_images, request.seed,
+            "req=%s accepted%s: model=%s %dx%d steps=%d scheduler=%s images=%d seed=%d",
+            request.request_id, f" from client={client}" if client else "", model.name, request.width,
+            request.height, request.steps, request.scheduler, request.num_images, request.seed,
         )
         self.batcher.submit(handle)
         return handle

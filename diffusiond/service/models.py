@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffusiond.backends.base import Backend, BackendSettings
 from diffusiond.backends.registry import create_backend
-from diffusiond.errors import FailedPrecondition, NotFound
+from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
@@ -96,7 +96,7 @@ class ModelRegistry:
         try:
             return self._models[name]
         except KeyError:
-            raise NotFound(f"model {name!r} is not loaded; loaded models: {', '.join(self._models)}") from None
+            raise NotFound(f"model {shown(name)} is not loaded; loaded models: {', '.join(self._models)}") from None
 
     def __iter__(self):
         return iter(self._models.values())

@@ -13,6 +13,7 @@ the message alone.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 DEFAULT_QUALITY = 90
 MAX_REQUEST_ID_CHARS = 128
+REQUEST_ID_PATTERN = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 RANDOM_SEED_BITS = 32  # random seeds stay short enough to read and type back
 SEED_LIMIT = 2**64
 
@@ -56,6 +58,7 @@ class GenerationParams:
     quality: int = 0
     preview: PreviewParams = field(default_factory=PreviewParams)
     request_id: str = ""
+    client: str = ""  # who asked (an auth token's name), for logs; not part of the request itself
 
 
 def require_range(field_name: str, value: int | float, low: int | float, high: int | float) -> None:
@@ -72,11 +75,19 @@ def require_size(field_name: str, value: int, low: int, high: int, multiple: int
 
 
 def check_request_id(request_id: str, field_name: str = "request_id") -> str:
-    """A client's id (at most 128 printable characters), or a fresh one when it gave none."""
+    """A client's id, or a fresh one when it gave none.
+
+    It appears in every log line about the request (``req=<id>``), so it is held to
+    printable ASCII without spaces: nothing a client sends can forge a log line or a token.
+    """
     if not request_id:
         return uuid.uuid4().hex
-    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
-        raise InvalidArgument(field_name, f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not REQUEST_ID_PATTERN.fullmatch(request_id):
+        raise InvalidArgument(
+            field_name,
+            f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces "
+            f"(got {len(request_id)} characters, not repeated here)",
+        )
     return request_id
 
 
