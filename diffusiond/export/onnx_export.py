@@ -72,7 +72,9 @@ from diffusiond.models.descriptors import (
 log = logging.getLogger(__name__)
 
 # Bump when the export recipe changes, so existing artifacts are rebuilt rather than reused.
-RECIPE_VERSION = 2  # bump when the artifact changes for the same source and options
+# 3: the UNet is traced and verified with a different timestep in every row (continuous batching
+# mixes requests at different steps in one call), so an export that ignored all but row 0's is rebuilt.
+RECIPE_VERSION = 3
 DEFAULT_OPSET = 17
 SOURCE_CONFIG = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 # fp32 networks must match PyTorch to this (absolute, scaled by the output's magnitude when above 1).
