@@ -46,16 +46,6 @@ from diffusiond.export import calibration
 from diffusiond.export.calibration import CalibrationSettings, capture_unet_inputs
 from diffusiond.export.fp16 import Fp16Settings, convert_to_fp16, fp16_components
 from diffusiond.export.int8 import Int8Settings, quantize_unet
-from diffusiond.export.manifest import (
-    MANIFEST_FILE,
-    PRECISIONS,
-    ComponentEntry,
-    Manifest,
-    hash_directory,
-    missing_files,
-    options_key,
-    read_manifest,
-)
 from diffusiond.export.progress import Progress
 from diffusiond.export.staging import staged
 from diffusiond.models.config import SERVING_DEFAULTS_FILE, load_model_config, read_json
@@ -67,6 +57,16 @@ from diffusiond.models.descriptors import (
     SDDims,
     ShapeProfile,
     sd_descriptors,
+)
+from diffusiond.models.manifest import (
+    MANIFEST_FILE,
+    PRECISIONS,
+    ComponentEntry,
+    Manifest,
+    hash_directory,
+    missing_files,
+    options_key,
+    read_manifest,
 )
 
 log = logging.getLogger(__name__)
