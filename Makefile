@@ -1,4 +1,4 @@
-# diffusiond: make serve | demo | test | proto | bench-serving | bench-onnx | eval | train-builtin
+# diffusiond: make serve | demo | test | lint | proto | bench-serving | bench-onnx | eval | train-builtin
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: install serve demo test proto bench-serving bench-onnx eval train-builtin clean
+.PHONY: install serve demo test lint proto bench-serving bench-onnx eval train-builtin clean
 
 install: $(STAMP)
 
@@ -27,8 +27,13 @@ serve: install
 demo: install
 	$(VENV)/bin/diffusiond generate "a large red circle on a blue background, top left" --stream --server $(HOST):$(PORT) -o demo.png $(ARGS)
 
-test: install
+test: lint
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff, and the package's import layers (pyproject.toml [tool.importlinter]).
+lint: install
+	$(VENV)/bin/ruff check diffusiond tests bench
+	$(VENV)/bin/lint-imports
 
 # Batching on/off at concurrency 1, 4, 16 through real gRPC clients (results in BENCHMARKS.md).
 bench-serving: install

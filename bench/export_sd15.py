@@ -33,8 +33,8 @@ def main() -> int:
 
     from diffusiond.export.onnx_export import ExportOptions, export_onnx
     from diffusiond.models.descriptors import ShapeProfile
-    from diffusiond.service.models import load_model
     from diffusiond.models.synthetic import write_sd_model
+    from diffusiond.service.models import load_model
 
     work = Path(args.work)
     source, out = work / "sd15", work / "sd15-onnx"
@@ -57,7 +57,7 @@ def main() -> int:
     assert out_sample.shape == (2, 4, 32, 32) and torch.isfinite(out_sample).all()
 
     files = {}
-    for name, entry in result.manifest.components.items():
+    for entry in result.manifest.components.values():
         for rel in entry.files:
             files[rel] = (out / rel).stat().st_size
     report = {

@@ -350,7 +350,7 @@ class Checks:
 def tensorrt_absent_reason() -> tuple[str | None, str | None]:
     """(TensorRT version, None) or (None, why it cannot be used)."""
     from diffusiond.errors import DiffusiondError
-    from diffusiond.export.tensorrt_build import import_tensorrt
+    from diffusiond.models.tensorrt_artifact import import_tensorrt
 
     try:
         return import_tensorrt().__version__, None

@@ -20,7 +20,31 @@ log = logging.getLogger("diffusiond")
 MIB = 1024 * 1024
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+def add_backend_choice(parser: argparse.ArgumentParser, backends: dict | None, what: str) -> list[str]:
+    """``--backend``, its choices from the backend registry (``backends``; None: not this command, so
+    the registry, and torch with it, is not imported). Returns the choices, which later clashes may shrink."""
+    if backends is None:
+        parser.add_argument("--backend", default="torch")
+        return []
+    choices = list(backends)
+    described = "; ".join(f"{p.name}: {p.description}" for p in backends.values()).replace("%", "%%")
+    parser.add_argument("--backend", default="torch", choices=choices, help=f"{what} ({described})")
+    return choices
+
+
+def add_backend_flags(parser: argparse.ArgumentParser, backends: dict | None, choices: list[str]) -> None:
+    """Each backend's own argument group, as its plug-in declares it."""
+    for plugin in (backends or {}).values():
+        if plugin.add_arguments is None:
+            continue
+        try:
+            plugin.add_arguments(parser.add_argument_group(f"{plugin.name} backend"))
+        except argparse.ArgumentError as exc:
+            log.error("the %s backend is not offered: its flags clash with others (%s)", plugin.name, exc)
+            choices.remove(plugin.name)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument(
@@ -28,10 +52,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a diffusers-format model directory (repeatable; the first is the default). "
         "Default: the built-in model, created on first start.",
     )
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
-                        help="inference backend: torch (diffusers-format models), onnxruntime "
-                        "(directories written by `diffusiond export onnx` or `optimum-cli export onnx`), "
-                        "tensorrt (engines built by `diffusiond export tensorrt`, on a CUDA GPU)")
+    choices = add_backend_choice(parser, backends, "inference backend")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="network precision; bf16 is fast only on CPUs with AVX512-BF16/AMX")
@@ -63,18 +84,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-receive-message-mb", type=float, default=4.0,
                         help="largest request accepted, in MiB")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
-    ort = parser.add_argument_group("onnxruntime backend")
-    ort.add_argument("--providers", default="",
-                     help="execution providers in order of preference, comma-separated: tensorrt, cuda, cpu "
-                     "(default: every one this onnxruntime build has, in that order)")
-    ort.add_argument("--graph-optimization", default="all", choices=["disable", "basic", "extended", "all"],
-                     help="ONNX Runtime graph optimization level")
-    ort.add_argument("--inter-op-threads", type=int, default=0, help="ONNX Runtime inter-op threads (0: default)")
-    ort.add_argument("--trt-cache-dir", default="", help="where the TensorRT provider caches engines")
-    ort.add_argument("--precision", default="", choices=["", "fp32", "fp16", "int8"],
-                     help="refuse an export whose manifest says another precision")
-    ort.add_argument("--expect-source-hash", default="", metavar="SHA256",
-                     help="refuse an export made from another source model (a prefix of 12+ hex digits)")
+    parser.add_argument("--precision", default="", choices=["", "fp32", "fp16", "int8"],
+                        help="refuse an exported artifact whose manifest says another precision")
+    parser.add_argument("--expect-source-hash", default="", metavar="SHA256",
+                        help="refuse an exported artifact made from another source model (a prefix of 12+ hex digits)")
+    add_backend_flags(parser, backends, choices)
     security = parser.add_argument_group("security (README: Security)")
     security.add_argument("--auth-tokens", default="", metavar="FILE",
                           help="require 'authorization: Bearer <token>' on every call but health; FILE holds "
@@ -96,8 +110,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def backend_settings_from_args(args: argparse.Namespace):
+    """The common backend flags, and the chosen backend's own (through its plug-in)."""
+    from diffusiond.backends.base import BackendSettings
+    from diffusiond.backends.registry import get_plugin
+
+    plugin = get_plugin(args.backend)
+    return BackendSettings(
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        expect_precision=args.precision,
+        expect_source_sha256=_source_hash_arg(args.expect_source_hash),
+        options=plugin.options_from_args(args) if plugin.options_from_args is not None else None,
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    from diffusiond.backends.base import BackendSettings, OnnxRuntimeOptions
     from diffusiond.errors import DiffusiondError
     from diffusiond.models.sources import ModelSource
     from diffusiond.server.app import ServerSettings
@@ -115,19 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
             port=args.port,
             models=[ModelSource.parse(m) for m in (args.model or ["builtin"])],
             backend=args.backend,
-            backend_settings=BackendSettings(
-                device=args.device,
-                dtype=args.dtype,
-                threads=args.threads,
-                expect_precision=args.precision,
-                expect_source_sha256=_source_hash_arg(args.expect_source_hash),
-                onnxruntime=OnnxRuntimeOptions(
-                    providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-                    graph_optimization=args.graph_optimization,
-                    inter_op_threads=args.inter_op_threads,
-                    trt_cache_dir=args.trt_cache_dir,
-                ),
-            ),
+            backend_settings=backend_settings_from_args(args),
             batcher=BatcherSettings(
                 max_queue=args.max_queue,
                 max_batch_size=args.max_batch_size,
@@ -331,13 +348,11 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = None) -> None:
     # Defaults are EvalSettings'; it is not imported here, so client commands never load torch.
     parser.add_argument("--model", default="builtin", metavar="[NAME=]PATH",
                         help="model directory (diffusers or exported layout); default: the built-in model")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
-                        help="inference backend; onnxruntime needs --model to name an ONNX export, "
-                             "tensorrt a directory of engines (diffusiond export tensorrt)")
+    add_backend_choice(parser, backends, "inference backend, at its default options; --model names what it runs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="precision the torch backend computes in")
@@ -394,11 +409,18 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` is the one about to run: only serve and eval read the backend registry
+    (importing torch), so client commands work where only the client is installed."""
+    backends = None
+    if command in ("serve", "eval"):
+        from diffusiond.backends.registry import plugins
+
+        backends = plugins()
     parser = argparse.ArgumentParser(prog="diffusiond", description="Text-to-image service over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server")
-    add_serve_arguments(serve)
+    add_serve_arguments(serve, backends)
     serve.set_defaults(func=run_serve)
     generate = sub.add_parser("generate", help="generate images through a running server")
     add_generate_arguments(generate)
@@ -431,13 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval", help="generate the shapes data set's held-out prompts and score them (in-process, no server)"
     )
-    add_eval_arguments(evaluate)
+    add_eval_arguments(evaluate, backends)
     evaluate.set_defaults(func=run_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     level = getattr(args, "log_level", "WARNING")
     configure_logging(level)
     return int(args.func(args))

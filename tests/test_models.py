@@ -10,13 +10,13 @@ import pytest
 
 from diffusiond.backends.base import BackendSettings
 from diffusiond.errors import FailedPrecondition, NotFound
-from diffusiond.models.config import load_model_config
-from diffusiond.service.models import load_model
-from diffusiond.models.sources import ModelSource, resolve_model_dir
 from diffusiond.eval.scorer import read_image
-from diffusiond.service.limits import ModelLimits
+from diffusiond.models.config import load_model_config
+from diffusiond.models.sources import ModelSource, resolve_model_dir
 from diffusiond.pipeline.request import GenerationRequest
 from diffusiond.pipeline.schedulers import SCHEDULERS
+from diffusiond.service.limits import ModelLimits
+from diffusiond.service.models import load_model
 
 
 def test_list_models(client, builtin_dir):

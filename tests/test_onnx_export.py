@@ -167,9 +167,9 @@ def test_int8_export_is_qdq_per_channel_with_sensitive_layers_kept(onnx_export):
 def test_int8_ranges_cover_every_calibration_sample(onnx_export, builtin_dir):
     """Each activation's quantization scale is its range over all calibration samples, not only the last ones."""
     import onnx
+    from conftest import TEST_CALIBRATION
     from onnx import numpy_helper
 
-    from conftest import TEST_CALIBRATION
     from diffusiond.export.calibration import CalibrationSettings, capture_unet_inputs, for_model
 
     quantized = onnx.load(str(onnx_export("int8") / "unet" / "model.onnx"))

@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from diffusiond.backends.base import BackendSettings, OnnxRuntimeOptions
-from diffusiond.backends.onnxruntime import choose_providers
+from diffusiond.backends.base import BackendSettings
+from diffusiond.backends.onnxruntime import OnnxRuntimeOptions, choose_providers
 from diffusiond.cli import main
 from diffusiond.errors import FailedPrecondition, InvalidArgument
-from diffusiond.service.models import load_model
-from diffusiond.pipeline.request import GenerationRequest, PreviewKind, PreviewSpec
 from diffusiond.eval.compare import cosine, psnr
 from diffusiond.pipeline.observers import LastLatentsObserver
+from diffusiond.pipeline.request import GenerationRequest, PreviewKind, PreviewSpec
+from diffusiond.service.models import load_model
 from diffusiond.training.dataset import held_out_prompts
 
 # Same seed, same request, the built-in model on the CPU (8-bit images, PSNR over all pixels):
@@ -139,10 +139,10 @@ def test_provider_choice():
 
 
 def test_threads_and_graph_optimization_options(onnx_export):
-    settings = BackendSettings(threads=1, onnxruntime=OnnxRuntimeOptions(providers=("cpu",), graph_optimization="basic"))
+    settings = BackendSettings(threads=1, options=OnnxRuntimeOptions(providers=("cpu",), graph_optimization="basic"))
     model = load_model("builtin", onnx_export("fp32"), "onnxruntime", settings)
     try:
-        options = model.backend._networks["unet"].session.get_session_options()
+        options = model.backend.graphs["unet"].session.get_session_options()
         assert options.intra_op_num_threads == 1
         assert str(options.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
         assert model.pipeline.generate(request(steps=2, preview=PreviewSpec())).images.shape == (2, 64, 64, 3)
@@ -150,7 +150,7 @@ def test_threads_and_graph_optimization_options(onnx_export):
         model.backend.close()
     with pytest.raises(InvalidArgument, match="graph_optimization"):
         load_model("builtin", onnx_export("fp32"), "onnxruntime",
-                   BackendSettings(onnxruntime=OnnxRuntimeOptions(graph_optimization="max")))
+                   BackendSettings(options=OnnxRuntimeOptions(graph_optimization="max")))
 
 
 # -- manifest checks ------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def copy_export(src, dst, edit=None):
 
 def test_refuses_a_manifest_without_a_component(onnx_export, tmp_path):
     out = copy_export(onnx_export("fp32"), tmp_path / "m", lambda m: m["components"].pop("vae_decoder"))
-    with pytest.raises(FailedPrecondition, match="manifest lists no vae_decoder component"):
+    with pytest.raises(FailedPrecondition, match="lists no vae_decoder component in its manifest"):
         load_model("builtin", out, "onnxruntime")
 
 
@@ -186,7 +186,7 @@ def test_refuses_a_missing_component_file(onnx_export, tmp_path):
 def test_refuses_another_precision_or_source(onnx_export):
     with pytest.raises(FailedPrecondition, match="holds fp16 networks, but precision int8 was asked for"):
         load_model("builtin", onnx_export("fp16"), "onnxruntime", BackendSettings(expect_precision="int8"))
-    with pytest.raises(FailedPrecondition, match="exported from another model"):
+    with pytest.raises(FailedPrecondition, match="was made from another model"):
         load_model("builtin", onnx_export("fp32"), "onnxruntime",
                    BackendSettings(expect_source_sha256="0123456789abcdef"))
     source = json.loads((onnx_export("fp32") / "manifest.json").read_text())["source"]["sha256"]
@@ -251,3 +251,55 @@ def test_serves_an_optimum_style_directory_with_a_warning(onnx_export, pipeline,
         model.backend.close()
     with pytest.raises(FailedPrecondition, match="no manifest.json, so its source model cannot be checked"):
         load_model("builtin", out, "onnxruntime", BackendSettings(expect_source_sha256="0123456789abcdef"))
+
+
+def one_timestep_per_call(src, dst, shape: tuple[int, ...]):
+    """A copy of an export whose UNet takes one timestep for the whole call: a scalar, or a fixed [1]
+    (as some Optimum exports declare it). The graph broadcasts it to every row."""
+    import onnx
+
+    shutil.copytree(src, dst)
+    path = dst / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    dims = next(i for i in model.graph.input if i.name == "timestep").type.tensor_type.shape.dim
+    del dims[:]
+    for size in shape:
+        dims.add().dim_value = size
+    onnx.save(model, str(path))
+    return dst
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["scalar", "one-element"])
+def test_a_unet_taking_one_timestep_per_call_still_gives_each_row_its_own(onnx_export, builtin_dir, tmp_path,
+                                                                          monkeypatch, shape):
+    import torch
+
+    from diffusiond.backends.registry import create_backend
+    from diffusiond.models.descriptors import descriptors_for
+
+    per_row = create_backend("onnxruntime", onnx_export("fp32"), BackendSettings())
+    per_call = create_backend("onnxruntime", one_timestep_per_call(onnx_export("fp32"), tmp_path / "m", shape),
+                              BackendSettings())
+    try:
+        assert per_call.graphs["unet"].inputs["timestep"].shape == shape
+        feeds = descriptors_for(builtin_dir)["unet"].sample_inputs(5, 64, 64)
+        sample, context = torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["encoder_hidden_states"])
+        t = torch.tensor([999.0, 10.0, 999.0, 500.0, 10.0])
+        session = per_call.graphs["unet"].session
+        calls = []
+
+        def run(outputs, arrays, run=session.run):
+            calls.append((arrays["sample"].shape[0], arrays["timestep"].shape, float(arrays["timestep"].reshape(-1)[0])))
+            return run(outputs, arrays)
+
+        monkeypatch.setattr(session, "run", run)
+        got = per_call.unet(sample, t, context)
+        expected = per_row.unet(sample, t, context)
+        assert sorted(calls) == [(1, shape, 500.0), (2, shape, 10.0), (2, shape, 999.0)]  # one call per timestep
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()  # rows back in their order
+        calls.clear()
+        per_call.unet(sample, torch.full((5,), 250.0), context)
+        assert calls == [(5, shape, 250.0)]  # one timestep: one call
+    finally:
+        per_row.close()
+        per_call.close()

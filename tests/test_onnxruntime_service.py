@@ -12,14 +12,14 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from conftest import CountingBackend, running_server
+from images import pixels
 
 from diffusiond.backends.base import BackendSettings
 from diffusiond.client import ClientError, DiffusionClient, build_request, tensor_to_numpy
 from diffusiond.eval.compare import psnr as image_psnr
 from diffusiond.models.sources import ModelSource
 from diffusiond.server.app import ServerSettings, ServerThread
-from conftest import CountingBackend, running_server
-from images import pixels
 
 MIN_PSNR_DB = 45.0  # fp32 ONNX Runtime vs fp32 PyTorch, 8-bit images
 WAIT_S = 30.0

@@ -20,7 +20,6 @@ from diffusiond.server.app import ServerSettings, ServerThread
 from diffusiond.server.auth import TokenStore, parse_tokens
 from diffusiond.server.limits import ClientLimits, ClientLimitSettings, peer_address
 from diffusiond.server.tls import TlsSettings
-from diffusiond.service.batcher import BatcherSettings
 
 ALICE = "alice-0123456789abcdef"
 BOB = "bob-0123456789abcdef0000"

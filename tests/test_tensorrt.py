@@ -16,21 +16,19 @@ import pytest
 import torch
 
 from diffusiond.backends.base import BackendSettings
-from diffusiond.backends.tensorrt import check_in_profile, split_rows, timesteps_for
+from diffusiond.backends.graph import GraphInput, TimestepForm, timestep_form
+from diffusiond.backends.tensorrt import check_in_profile, is_trt_out_of_memory, profile_shape, split_rows
 from diffusiond.cli import main
 from diffusiond.errors import FailedPrecondition, InvalidArgument, MissingDependency, NotFound
-from diffusiond.export.tensorrt_build import (
-    EngineBuildOptions,
+from diffusiond.export.tensorrt_build import EngineBuildOptions, build_engines, int8_problems, plan_engines
+from diffusiond.models.descriptors import COMPONENTS, Range, ShapeProfile
+from diffusiond.models.tensorrt_artifact import (
     EngineManifest,
     MachineInfo,
-    build_engines,
     compatibility_problems,
     import_tensorrt,
-    int8_problems,
     missing_engines,
-    plan_engines,
 )
-from diffusiond.models.descriptors import COMPONENTS, Range, ShapeProfile
 from diffusiond.service.models import load_model
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -217,11 +215,22 @@ def test_calls_larger_than_the_profile_run_in_pieces():
     assert split_rows(feeds, {"sample", "timestep"}, limit=8) == [feeds]
 
 
-def test_timesteps_take_the_engines_shape():
-    t = torch.full((4,), 981.0)
-    assert timesteps_for(t, 4, (1,), (8,)) is t
-    assert timesteps_for(t, 4, (), ()).shape == ()
-    assert timesteps_for(t, 4, (1,), (1,)).tolist() == [981.0]
+def test_the_timestep_form_follows_the_engines_profile():
+    def form(low, high):
+        return timestep_form(GraphInput("timestep", torch.float32, profile_shape(low, high)))
+
+    assert form((1,), (8,)) is TimestepForm.ROWS  # one per row: mixed timesteps go in one call
+    assert form((), ()) is TimestepForm.SCALAR  # one per call: rows are grouped by timestep
+    assert form((1,), (1,)) is TimestepForm.SINGLE
+    assert profile_shape((1, 4, 8, 8), (8, 4, 16, 16)) == (None, 4, None, None)
+
+
+def test_tensorrt_out_of_memory_is_recognised_from_its_log():
+    assert is_trt_out_of_memory(RuntimeError(
+        "TensorRT failed to run the unet engine: [defaultAllocator.cpp::allocate::31] Error Code 1: "
+        "Cuda Runtime (out of memory)"))
+    assert is_trt_out_of_memory(RuntimeError("TensorRT failed to run the unet engine: Error Code 2: OutOfMemory"))
+    assert not is_trt_out_of_memory(RuntimeError("TensorRT failed to run the unet engine: see its log above"))
 
 
 # -- without TensorRT: clear refusals ---------------------------------------------------------------
@@ -298,7 +307,6 @@ def test_engines_are_self_describing_and_reused(trt_dir, onnx_export):
 @needs_tensorrt
 def test_images_match_eager(trt_dir, pipeline):
     import numpy as np
-
     from test_onnxruntime_backend import psnr, request, run
 
     model = load_model("builtin", trt_dir, "tensorrt", BackendSettings(device="cuda"))

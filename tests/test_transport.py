@@ -14,8 +14,8 @@ from diffusiond.client import ClientError, DiffusionClient
 from diffusiond.models.sources import ModelSource
 from diffusiond.pipeline.request import GenerationRequest, GenerationResult, Timings
 from diffusiond.server import codec, transport
-from diffusiond.service.outputs import encode_result
 from diffusiond.server.app import ServerSettings, ServerThread
+from diffusiond.service.outputs import encode_result
 
 LONG_PROMPT = "a red fox in the snow " * 180  # 3960 characters: compresses to almost nothing
 

@@ -1,37 +1,33 @@
-"""The one protocol every inference backend implements.
+"""The one protocol every inference backend implements, and what a backend plug-in declares.
 
 A backend runs networks and nothing else: the text-to-image loop, schedulers,
-guidance and previews live in ``diffusiond.pipeline`` and never change when a
-backend is added. All tensors crossing this boundary are ``torch`` tensors on
+guidance, previews and batching live above it and never change when a backend
+is added. All tensors crossing this boundary are ``torch`` tensors on
 ``backend.device`` in float32 (token ids in int64), whatever precision the
-backend computes in internally, so the pipeline's scheduler arithmetic is the
-same on every backend.
+backend computes in internally, so the scheduler arithmetic is the same on
+every backend. Rows of one call are independent: each may carry its own
+timestep, and a call that does not fit in memory raises
+``diffusiond.errors.OutOfMemory`` (see ``translate_out_of_memory``) so the caller can
+retry it with fewer rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-
-@dataclass(frozen=True)
-class OnnxRuntimeOptions:
-    """ONNX Runtime session choices (plain data: importing this needs no onnxruntime)."""
-
-    # Execution providers in order of preference: "tensorrt", "cuda", "cpu" (or ORT's full names).
-    # Empty: every one of those this onnxruntime build has, TensorRT first.
-    providers: tuple[str, ...] = ()
-    graph_optimization: str = "all"  # "disable", "basic", "extended", "all"
-    inter_op_threads: int = 0  # 0: ONNX Runtime's default
-    # TensorRT engines are cached here (default: a folder under the diffusiond cache).
-    trt_cache_dir: str = ""
+from diffusiond.errors import FailedPrecondition, InvalidArgument, OutOfMemory
 
 
 @dataclass(frozen=True)
 class BackendSettings:
-    """What an operator chooses when starting a backend."""
+    """What an operator chooses when starting a backend: the fields every backend reads, and its own options."""
 
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     dtype: str = "fp32"  # "fp32", "fp16", "bf16"
@@ -39,12 +35,14 @@ class BackendSettings:
     # What an exported artifact must be; a manifest that says otherwise is refused.
     expect_precision: str = ""  # "fp32", "fp16", "int8"; empty: whatever it holds
     expect_source_sha256: str = ""  # a prefix of the source model's hash; empty: any source
-    onnxruntime: OnnxRuntimeOptions = field(default_factory=OnnxRuntimeOptions)
+    # The chosen backend's own options: an instance of its plug-in's ``options_type``
+    # (None: that type's defaults, which are also its CLI defaults).
+    options: Any = None
 
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str  # "torch", "onnxruntime", "tensorrt"
+    name: str  # the plug-in's name: "torch", "onnxruntime", "tensorrt"
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +59,8 @@ class Backend(Protocol):
         ...
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] scaled model input, [B] timesteps, [B, T, D] context -> [B, C, h, w] model output."""
+        """[B, C, h, w] scaled model input, [B] timesteps (may differ per row), [B, T, D] context
+        -> [B, C, h, w] model output."""
         ...
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -77,8 +76,89 @@ class Backend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class BackendPlugin:
+    """What one backend file declares (as its module-level ``PLUGIN``) to be served and configured.
+
+    The registry finds it; the CLI builds ``--backend`` and the backend's
+    argument group from it; ``create_backend`` calls ``load`` with the
+    backend's options filled in. Nothing else names a backend.
+    """
+
+    name: str  # the --backend value
+    description: str  # one line for --help: what it runs and from which directory
+    load: Callable[[Path, BackendSettings], Backend]
+    options_type: type | None = None  # a frozen dataclass of its own options; defaults = CLI defaults
+    add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None  # its own CLI flags
+    options_from_args: Callable[[argparse.Namespace], Any] | None = None  # those flags -> options_type
+    # Run after loading, before serving: e.g. run each network at its optimisation shapes so the
+    # first request does not pay for kernel selection or lazy allocation.
+    warm_up: Callable[[Backend], None] | None = None
+
+    def default_options(self) -> Any:
+        return self.options_type() if self.options_type is not None else None
+
+
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device this build can use; InvalidArgument or FailedPrecondition saying why not."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidArgument("device", f"{name!r} is not a device name ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FailedPrecondition(f"device {name!r} was asked for, but this PyTorch build sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidArgument("device", f"{name!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def is_torch_out_of_memory(exc: BaseException) -> bool:
+    """What PyTorch raises when an allocation fails (on CUDA ``torch.OutOfMemoryError``; on the host ``MemoryError``)."""
+    torch_oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return isinstance(exc, MemoryError) or (torch_oom is not None and isinstance(exc, torch_oom))
+
+
+class translate_out_of_memory:
+    """Turns a runtime's out-of-memory failure inside the block into ``OutOfMemory``; other errors pass.
+
+    ``is_runtime_oom`` recognises the runtime's own form (an ONNX Runtime
+    allocation failure, a TensorRT one); PyTorch's and ``MemoryError`` are
+    always recognised. The original exception's traceback is dropped before
+    raising: it holds the frames of the failed call, and with them the
+    intermediate tensors the caller needs freed before it retries with fewer
+    rows. Usable as a context manager or a decorator.
+    """
+
+    def __init__(self, network: str, is_runtime_oom: Callable[[BaseException], bool] | None = None) -> None:
+        self.network = network
+        self.is_runtime_oom = is_runtime_oom
+
+    def __enter__(self) -> translate_out_of_memory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if exc is None or isinstance(exc, OutOfMemory):
+            return False
+        if not (is_torch_out_of_memory(exc) or (self.is_runtime_oom is not None and self.is_runtime_oom(exc))):
+            return False
+        message = f"{self.network} ran out of memory: {exc}"
+        exc.__traceback__ = None
+        del exc, tb  # this frame ends up in the new traceback: keep it from holding the old one
+        raise OutOfMemory(message) from None
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with translate_out_of_memory(self.network, self.is_runtime_oom):
+                return fn(*args, **kwargs)
+
+        return wrapper

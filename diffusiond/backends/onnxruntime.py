@@ -6,13 +6,13 @@ a ``manifest.json``, which is checked before anything loads: a missing
 component, another source model or another precision than asked is refused
 with the reason. A directory without a manifest is served with a warning.
 
-Input names and dtypes are read from each session rather than assumed, so the
-differences between exporters are absorbed here: the UNet's ``timestep`` may be
-float or int64, a batch vector, a one-element vector or a scalar; token ids
-int32 or int64; fp16 graphs take fp16 inputs; the VAE encoder may return the
-distribution's parameters (``latent_parameters``, mean first) or the mean
-itself. Tensors cross the backend boundary as float32 torch tensors on the CPU,
-as on every backend.
+Input dtypes and shapes are read from each session rather than assumed, so
+exporters' differences (int64 or float timesteps, one per row or one per call;
+int32 token ids; fp16 I/O; the VAE encoder's mean or its parameters) are
+absorbed by ``graph.GraphBackend``, which this file feeds: what is specific to
+ONNX Runtime is sessions, execution providers and how it reports running out
+of memory. Tensors cross the backend boundary as float32 torch tensors on the
+CPU.
 
 Execution providers are picked from what this onnxruntime build offers
 (TensorRT, then CUDA, then CPU) or from ``--providers``; TensorRT gets its
@@ -21,25 +21,28 @@ optimisation profiles from the model descriptors.
 
 from __future__ import annotations
 
+import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from diffusiond.backends.base import BackendSettings
-from diffusiond.errors import FailedPrecondition, InvalidArgument, MissingDependency, ResourceExhausted
+from diffusiond.backends import graph
+from diffusiond.backends.base import BackendPlugin, BackendSettings
+from diffusiond.backends.graph import Artifact, GraphBackend, GraphInput, check_artifact
+from diffusiond.errors import FailedPrecondition, InvalidArgument, MissingDependency
 from diffusiond.models.config import load_model_config
 from diffusiond.models.descriptors import (
-    TEXT_ENCODER,
+    COMPONENTS,
+    REQUIRED_COMPONENTS,
     UNET,
-    VAE_DECODER,
-    VAE_ENCODER,
     NetworkDescriptor,
     ShapeProfile,
     descriptors_for,
 )
+from diffusiond.models.manifest import infer_precision, manifest_problems, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +55,31 @@ AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
 MODEL_FILE = "model.onnx"
 
-_NUMPY_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
+_TORCH_TYPES = {
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(double)": torch.float64,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
 }
+# How ONNX Runtime words a failed allocation: its CPU arena ("Available memory of 3145728 is smaller
+# than requested bytes of 16777216", from BFCArena::AllocateRawInternal), "Failed to allocate memory
+# for requested buffer", and the CUDA provider's "CUDA failure 2: out of memory" /
+# "cudaErrorMemoryAllocation". It raises these as its own Fail/RuntimeException, not MemoryError.
+_OOM_MARKERS = ("out of memory", "failed to allocate", "smaller than requested bytes", "memoryallocation")
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """ONNX Runtime session choices (plain data: importing this needs no onnxruntime)."""
+
+    # Execution providers in order of preference: "tensorrt", "cuda", "cpu" (or ORT's full names).
+    # Empty: every one of those this onnxruntime build has, TensorRT first.
+    providers: tuple[str, ...] = ()
+    graph_optimization: str = "all"  # "disable", "basic", "extended", "all"
+    inter_op_threads: int = 0  # 0: ONNX Runtime's default
+    # TensorRT engines are cached here (default: a folder under the diffusiond cache).
+    trt_cache_dir: str = ""
 
 
 def import_onnxruntime():
@@ -108,160 +129,92 @@ def is_onnx_export(directory: Path) -> bool:
     return (directory / UNET / MODEL_FILE).is_file()
 
 
-def infer_precision(unet_path: Path, unet_input_types: list[str]) -> str:
-    """Precision of a directory without manifest: fp16 inputs, or quantize/dequantize nodes, tell."""
-    if "tensor(float16)" in unet_input_types:
-        return "fp16"
-    try:
-        import onnx
-
-        graph = onnx.load(str(unet_path), load_external_data=False).graph
-        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in graph.node):
-            return "int8"
-        if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer):
-            return "fp16"
-    except ImportError:
-        pass
-    return "fp32"
+def is_ort_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _OOM_MARKERS)
 
 
-class _Network:
-    """One ONNX Runtime session and how to feed it."""
+class OrtGraph:
+    """One ONNX Runtime session, run with torch tensors on the CPU."""
 
-    def __init__(self, ort, path: Path, options, providers: list[Any], descriptor: NetworkDescriptor) -> None:
-        self.name = descriptor.name
-        self.descriptor = descriptor
+    def __init__(self, ort, path: Path, options, providers: list[Any]) -> None:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # unsupported opset, corrupt file, missing external data...
             raise FailedPrecondition(f"ONNX Runtime cannot load {path}: {exc}") from None
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.inputs: dict[str, GraphInput] = {}
+        for i in self.session.get_inputs():
+            if i.type not in _TORCH_TYPES:
+                raise FailedPrecondition(f"{path}: input {i.name} has type {i.type}, which diffusiond does not feed")
+            shape = tuple(d if isinstance(d, int) else None for d in i.shape)
+            self.inputs[i.name] = GraphInput(i.name, _TORCH_TYPES[i.type], shape)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.input_types = [i.type for i in self.session.get_inputs()]
         self.providers = self.session.get_providers()
 
-    def require_inputs(self, names: list[str]) -> None:
-        missing = [n for n in names if n not in self.inputs]
-        extra = [n for n in self.inputs if n not in names]
-        if missing or extra:
-            raise FailedPrecondition(
-                f"{self.name}: the ONNX graph's inputs are {', '.join(self.inputs)}; this backend feeds "
-                f"{', '.join(names)} (missing: {', '.join(missing) or 'none'}, unsupported: {', '.join(extra) or 'none'})"
-            )
-
-    def input_type(self, name: str) -> str:
-        return self.inputs[name].type
-
-    def cast(self, name: str, value: np.ndarray) -> np.ndarray:
-        dtype = _NUMPY_TYPES.get(self.inputs[name].type)
-        if dtype is None:
-            raise FailedPrecondition(f"{self.name}: input {name} has unsupported type {self.inputs[name].type}")
-        if np.issubdtype(dtype, np.integer) and not np.issubdtype(value.dtype, np.integer):
-            value = np.rint(value)
-        return np.ascontiguousarray(value.astype(dtype, copy=False))
-
-    def output_index(self, *preferred: str) -> int:
-        for name in preferred:
-            if name in self.outputs:
-                return self.outputs.index(name)
-        return 0
-
-    def run(self, feeds: dict[str, np.ndarray], output: int = 0) -> np.ndarray:
-        try:
-            result = self.session.run([self.outputs[output]], {k: self.cast(k, v) for k, v in feeds.items()})[0]
-        except Exception as exc:
-            text = str(exc)
-            if "allocat" in text.lower() or "out of memory" in text.lower():
-                raise ResourceExhausted(f"{self.name} ran out of memory: {text}") from None
-            raise
-        return result
+    def run(self, feeds: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        arrays = {name: tensor.cpu().numpy() for name, tensor in feeds.items()}
+        return torch.from_numpy(self.session.run([output], arrays)[0])
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(GraphBackend):
     """Runs Optimum-layout ONNX networks with ONNX Runtime."""
 
     name = "onnxruntime"
+    is_runtime_out_of_memory = staticmethod(is_ort_out_of_memory)
 
     def __init__(self, model_dir: Path, settings: BackendSettings) -> None:
         ort = import_onnxruntime()
-        from diffusiond.export.manifest import check_for_serving, read_manifest
-
+        opts = settings.options if settings.options is not None else OnnxRuntimeOptions()
         if not is_onnx_export(model_dir):
             hint = " (a diffusers-format model: export it first with `diffusiond export onnx`)" if (model_dir / "unet").is_dir() else ""
             raise FailedPrecondition(f"{model_dir} holds no {UNET}/{MODEL_FILE}: not an ONNX export{hint}")
         manifest = read_manifest(model_dir)
         if manifest is not None:
-            check_for_serving(model_dir, manifest, settings.expect_precision or None,
-                              settings.expect_source_sha256 or None)
+            profile = ShapeProfile.from_json(manifest.profile)
+            check_artifact(
+                Artifact(model_dir, "ONNX export", manifest.precision, manifest.source_sha256, profile,
+                         tuple(manifest_problems(model_dir, manifest))),
+                settings, self.name,
+            )
         else:
-            if settings.expect_source_sha256:
-                raise FailedPrecondition(
-                    f"{model_dir} has no manifest.json, so its source model cannot be checked against "
-                    f"the expected hash {settings.expect_source_sha256[:16]}..."
-                )
+            profile = ShapeProfile.around(load_model_config(model_dir).default_size)
+            absent = [c for c in REQUIRED_COMPONENTS if not (model_dir / c / MODEL_FILE).is_file()]
+            if absent:
+                raise FailedPrecondition(f"{model_dir} has no {', '.join(f'{c}/{MODEL_FILE}' for c in absent)}")
             log.warning(
                 "%s has no manifest.json (not exported by diffusiond, e.g. optimum-cli): serving it unchecked; "
                 "source, precision and tool versions are unknown", model_dir,
             )
-        for component in (TEXT_ENCODER, UNET, VAE_DECODER):
-            if not (model_dir / component / MODEL_FILE).is_file():
-                raise FailedPrecondition(f"{model_dir} has no {component}/{MODEL_FILE}")
-        if settings.dtype not in ("fp32", "") and not settings.expect_precision:
-            log.warning("--dtype %s is ignored by the onnxruntime backend: the export fixes the precision "
-                        "(use --precision to require one)", settings.dtype)
 
-        self._descriptors = descriptors_for(model_dir)
-        if manifest is not None:
-            profile = ShapeProfile.from_json(manifest.profile)
-        else:
-            profile = ShapeProfile.around(load_model_config(model_dir).default_size)
-        opts = settings.onnxruntime
-        available = ort.get_available_providers()
-        self._provider_names = choose_providers(tuple(opts.providers), available)
+        descriptors = descriptors_for(model_dir)
+        self._provider_names = choose_providers(tuple(opts.providers), ort.get_available_providers())
         self._device_id = _device_id(settings.device)
-        self._level = graph_optimization_level(ort, opts.graph_optimization)
-
+        level = graph_optimization_level(ort, opts.graph_optimization)
         precision_hint = manifest.precision if manifest is not None else ""
-        self._networks: dict[str, _Network] = {}
-        for component in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER):
+        graphs: dict[str, OrtGraph] = {}
+        for component in COMPONENTS:
             path = model_dir / component / MODEL_FILE
-            if not path.is_file():
-                continue
-            descriptor = self._descriptors[component]
-            providers = self._providers(component, descriptor, profile, precision_hint, model_dir, opts.trt_cache_dir)
-            self._networks[component] = _Network(ort, path, self._session_options(ort, settings), providers, descriptor)
+            if path.is_file():
+                providers = self._providers(component, descriptors[component], profile, precision_hint, model_dir,
+                                            opts.trt_cache_dir)
+                graphs[component] = OrtGraph(ort, path, _session_options(ort, level, settings, opts), providers)
 
-        self._networks[TEXT_ENCODER].require_inputs(["input_ids"])
-        self._networks[UNET].require_inputs(["sample", "timestep", "encoder_hidden_states"])
-        self._networks[VAE_DECODER].require_inputs(["latent_sample"])
-        if VAE_ENCODER in self._networks:
-            self._networks[VAE_ENCODER].require_inputs(["sample"])
-        unet = self._networks[UNET]
-        self._precision = manifest.precision if manifest is not None else infer_precision(
-            model_dir / UNET / MODEL_FILE, [i.type for i in unet.inputs.values()]
-        )
-        if manifest is None and settings.expect_precision and settings.expect_precision != self._precision:
-            raise FailedPrecondition(
-                f"{model_dir} holds {self._precision} networks (judged from the graph; it has no manifest), "
-                f"but precision {settings.expect_precision} was asked for"
-            )
-        self._text_out = self._networks[TEXT_ENCODER].output_index("last_hidden_state")
-        self._timestep_shape = unet.inputs["timestep"].shape
-        log.info(
-            "onnxruntime %s: %s, %s networks, providers %s", ort.__version__, model_dir, self._precision,
-            ", ".join(unet.providers),
-        )
+        if manifest is not None:
+            artifact = Artifact(model_dir, "ONNX export", manifest.precision, manifest.source_sha256, profile)
+        else:  # the precision is judged from the graph
+            precision = infer_precision(model_dir / UNET / MODEL_FILE, graphs[UNET].input_types)
+            artifact = Artifact(model_dir, "ONNX export", precision, None, profile)
+            check_artifact(artifact, settings, self.name)
+        super().__init__(graphs, descriptors, artifact, torch.device("cpu"))
+        log.info("onnxruntime %s: %s, %s networks, providers %s", ort.__version__, model_dir, artifact.precision,
+                 ", ".join(self.providers))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.graphs[UNET].providers
 
     # -- session construction -------------------------------------------------------
-
-    def _session_options(self, ort, settings: BackendSettings):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = self._level
-        if settings.threads > 0:
-            options.intra_op_num_threads = settings.threads
-        if settings.onnxruntime.inter_op_threads > 0:
-            options.inter_op_num_threads = settings.onnxruntime.inter_op_threads
-        options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-        return options
 
     def _providers(
         self, component: str, descriptor: NetworkDescriptor, profile: ShapeProfile, precision: str,
@@ -304,59 +257,16 @@ class OnnxRuntimeBackend:
             "trt_profile_max_shapes": fmt(2),
         }
 
-    # -- Backend protocol -------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype_name(self) -> str:
-        return self._precision
-
-    @property
-    def providers(self) -> list[str]:
-        return self._networks[UNET].providers
-
-    def text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self._networks[TEXT_ENCODER].run({"input_ids": input_ids.cpu().numpy()}, self._text_out)
-        return torch.from_numpy(out.astype(np.float32, copy=False))
-
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        feeds = {
-            "sample": sample.cpu().numpy(),
-            "timestep": self._timesteps(timestep, sample.shape[0]),
-            "encoder_hidden_states": encoder_hidden_states.cpu().numpy(),
-        }
-        out = self._networks[UNET].run(feeds)
-        return torch.from_numpy(out.astype(np.float32, copy=False))
-
-    def _timesteps(self, timestep: torch.Tensor, batch: int) -> np.ndarray:
-        """The pipeline's [B] float timesteps in the shape this graph declares (all rows share one t)."""
-        t = timestep.cpu().numpy().reshape(-1)
-        shape = self._timestep_shape
-        if len(shape) == 0:
-            return np.asarray(t[0])
-        if isinstance(shape[0], int) and shape[0] != batch:
-            return np.full((shape[0],), t[0], dtype=t.dtype)
-        return t if t.shape[0] == batch else np.full((batch,), t[0], dtype=t.dtype)
-
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        out = self._networks[VAE_DECODER].run({"latent_sample": latents.cpu().numpy()})
-        return torch.from_numpy(out.astype(np.float32, copy=False))
-
-    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        network = self._networks.get(VAE_ENCODER)
-        if network is None:
-            raise FailedPrecondition("this ONNX export has no vae_encoder, which image inputs need")
-        out = network.run({"sample": images.cpu().numpy()}, network.output_index("latent_parameters", "latent_sample"))
-        channels = self._descriptors[VAE_ENCODER].dims.latent_channels
-        if out.shape[1] == 2 * channels:  # mean and log-variance: the mean is the first half
-            out = out[:, :channels]
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
-
-    def close(self) -> None:
-        self._networks.clear()
+def _session_options(ort, level, settings: BackendSettings, opts: OnnxRuntimeOptions):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    if settings.threads > 0:
+        options.intra_op_num_threads = settings.threads
+    if opts.inter_op_threads > 0:
+        options.inter_op_num_threads = opts.inter_op_threads
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    return options
 
 
 def _device_id(device: str) -> int:
@@ -366,3 +276,39 @@ def _device_id(device: str) -> int:
         except ValueError:
             raise InvalidArgument("device", f"{device!r} is not cuda:N") from None
     return 0
+
+
+# -- the plug-in ----------------------------------------------------------------------------------
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    defaults = OnnxRuntimeOptions()
+    group.add_argument("--providers", default=",".join(defaults.providers),
+                       help="execution providers in order of preference, comma-separated: tensorrt, cuda, cpu "
+                       "(default: every one this onnxruntime build has, in that order)")
+    group.add_argument("--graph-optimization", default=defaults.graph_optimization, choices=GRAPH_OPTIMIZATION,
+                       help="ONNX Runtime graph optimization level")
+    group.add_argument("--inter-op-threads", type=int, default=defaults.inter_op_threads,
+                       help="ONNX Runtime inter-op threads (0: default)")
+    group.add_argument("--trt-cache-dir", default=defaults.trt_cache_dir,
+                       help="where the TensorRT provider caches engines")
+
+
+def options_from_args(args: argparse.Namespace) -> OnnxRuntimeOptions:
+    return OnnxRuntimeOptions(
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        graph_optimization=args.graph_optimization,
+        inter_op_threads=args.inter_op_threads,
+        trt_cache_dir=args.trt_cache_dir,
+    )
+
+
+PLUGIN = BackendPlugin(
+    name="onnxruntime",
+    description="directories written by `diffusiond export onnx` or `optimum-cli export onnx`",
+    load=OnnxRuntimeBackend,
+    options_type=OnnxRuntimeOptions,
+    add_arguments=add_arguments,
+    options_from_args=options_from_args,
+    warm_up=graph.warm_up,
+)

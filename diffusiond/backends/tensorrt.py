@@ -9,43 +9,49 @@ not built for fails with FAILED_PRECONDITION naming the input and the range,
 instead of a TensorRT error. A call with more rows than the profile's largest
 batch (several requests batched together) runs in pieces the profile covers.
 
-Tensors cross the backend boundary as float32 torch tensors on the GPU; each
-engine's own I/O dtypes are read from the engine and converted here. Buffers
-are torch CUDA tensors (their ``data_ptr``), and engines are enqueued on
-torch's current stream, so the caching allocator's stream order keeps inputs
-alive until the engine has read them, with no synchronisation per call.
+What every exported-graph backend shares (dtype casting at the float32
+boundary, timestep shaping, the VAE mean, artifact checks) is in
+``graph.GraphBackend``; this file deserializes engines and runs named tensors.
+Buffers are torch CUDA tensors (their ``data_ptr``), and engines are enqueued
+on torch's current stream, so the caching allocator's stream order keeps
+inputs alive until the engine has read them, with no synchronisation per
+call. A failed allocation (torch's, or one TensorRT logs while running) comes
+out as ``OutOfMemory``.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffusiond.backends.base import BackendSettings
-from diffusiond.backends.torch_eager import resolve_device
+from diffusiond.backends import graph
+from diffusiond.backends.base import BackendPlugin, BackendSettings, resolve_device
+from diffusiond.backends.graph import Artifact, GraphBackend, GraphInput, check_artifact
 from diffusiond.errors import FailedPrecondition
-from diffusiond.export.tensorrt_build import (
+from diffusiond.models.descriptors import COMPONENTS, descriptors_for
+from diffusiond.models.tensorrt_artifact import (
     EngineManifest,
     MachineInfo,
     compatibility_problems,
     import_tensorrt,
     missing_engines,
 )
-from diffusiond.models.config import load_model_config
-from diffusiond.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
 
-# What this backend feeds each network.
-FEEDS = {
-    TEXT_ENCODER: ("input_ids",),
-    UNET: ("sample", "timestep", "encoder_hidden_states"),
-    VAE_DECODER: ("latent_sample",),
-    VAE_ENCODER: ("sample",),
-}
+# How TensorRT words a failed allocation in its log: "Error Code 1: Cuda Runtime (out of memory)",
+# "Error Code 2: OutOfMemory (...)", "Requested amount of GPU memory (N bytes) could not be allocated".
+_OOM_MARKERS = ("out of memory", "outofmemory", "could not be allocated", "failed to allocate")
+
+
+def is_trt_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _OOM_MARKERS)
 
 
 def check_in_profile(network: str, name: str, shape: tuple[int, ...], low: tuple[int, ...], high: tuple[int, ...]) -> None:
@@ -77,27 +83,60 @@ def split_rows(feeds: dict[str, torch.Tensor], batched: set[str], limit: int) ->
     ]
 
 
-def timesteps_for(timestep: torch.Tensor, rows: int, low: tuple[int, ...], high: tuple[int, ...]) -> torch.Tensor:
-    """The pipeline's [rows] timesteps (all equal) in the shape the engine's ``timestep`` input takes."""
-    if len(low) == 0:  # a scalar input
-        return timestep.reshape(-1)[0]
-    if low == high and low[0] != rows:  # a fixed length, e.g. [1]
-        return timestep.reshape(-1)[:1].expand(low[0])
-    return timestep
+def profile_shape(low: tuple[int, ...], high: tuple[int, ...]) -> tuple[int | None, ...]:
+    """An input's shape as its profile bounds it: a dimension the profile pins (min == max) is fixed
+    (e.g. a [1] timestep), the others dynamic (None)."""
+    return tuple(lo if lo == hi else None for lo, hi in zip(low, high))
 
 
-class EngineRunner:
-    """One deserialized engine with its execution context; runs named torch tensors."""
+def capturing_logger(trt: Any):
+    """A TensorRT logger that forwards to ``logging`` and keeps the latest errors, which say why a run failed."""
+    levels = {
+        trt.ILogger.INTERNAL_ERROR: logging.CRITICAL,
+        trt.ILogger.ERROR: logging.ERROR,
+        trt.ILogger.WARNING: logging.WARNING,
+        trt.ILogger.INFO: logging.DEBUG,  # TensorRT's INFO is build and load detail
+        trt.ILogger.VERBOSE: logging.DEBUG,
+    }
 
-    def __init__(self, trt: Any, runtime: Any, path: Path, network: str, device: torch.device) -> None:
+    class CapturingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=16)
+            self.count = 0
+            self._lock = threading.Lock()
+
+        def log(self, severity, msg) -> None:
+            level = levels.get(severity, logging.WARNING)
+            if level >= logging.ERROR:
+                with self._lock:
+                    self.count += 1
+                    self.errors.append((self.count, msg))
+            log.log(level, "TensorRT: %s", msg)
+
+        def since(self, mark: int) -> list[str]:
+            with self._lock:
+                return [msg for n, msg in self.errors if n > mark]
+
+    return CapturingLogger()
+
+
+class EngineGraph:
+    """One deserialized engine with its execution context; runs named torch tensors on its GPU."""
+
+    def __init__(self, trt: Any, runtime: Any, logger: Any, path: Path, network: str, device: torch.device) -> None:
         self.network = network
         self.device = device
+        self._logger = logger
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            raise FailedPrecondition(f"TensorRT could not load {path} (see its log above)")
+            raise FailedPrecondition(f"TensorRT could not load {path}: {'; '.join(logger.since(0)) or 'see its log'}")
         self.engine = engine
         self.context = engine.create_execution_context()
-        self.inputs: dict[str, torch.dtype] = {}
+        if self.context is None:
+            raise FailedPrecondition(f"TensorRT could not create an execution context for {path} "
+                                     f"(its activation memory may not fit on {device})")
+        self.inputs: dict[str, GraphInput] = {}
         self.outputs: dict[str, torch.dtype] = {}
         self.bounds: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.batched: set[str] = set()  # inputs whose first dimension is dynamic (rows)
@@ -107,69 +146,51 @@ class EngineRunner:
             if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
                 self.outputs[name] = dtype
                 continue
-            self.inputs[name] = dtype
             shape = tuple(engine.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 low, _, high = engine.get_tensor_profile_shape(name, 0)
-                self.bounds[name] = (tuple(low), tuple(high))
+                low, high = tuple(low), tuple(high)
                 if shape[0] < 0:
                     self.batched.add(name)
             else:  # a static input has no profile: its one shape is the range
-                self.bounds[name] = (shape, shape)
-        expected = FEEDS.get(network)
-        if expected is None:
-            raise FailedPrecondition(f"{path}: {network} is not a network diffusiond runs ({', '.join(FEEDS)})")
-        if sorted(self.inputs) != sorted(expected):
-            raise FailedPrecondition(
-                f"{path}: the engine's inputs are {', '.join(self.inputs)}; the {network} takes "
-                f"{', '.join(expected)}: rebuild it from a diffusiond or Optimum ONNX export"
-            )
+                low = high = shape
+            self.bounds[name] = (low, high)
+            self.inputs[name] = GraphInput(name, dtype, profile_shape(low, high))
 
     @property
     def max_rows(self) -> int:
         """The most rows one call of the engine takes (0: no dynamic batch)."""
         return min((self.bounds[n][1][0] for n in self.batched), default=0)
 
-    def output_name(self, *preferred: str) -> str:
-        for name in preferred:
-            if name in self.outputs:
-                return name
-        return next(iter(self.outputs))
-
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run on ``feeds``; more rows than the profile allows run in pieces, concatenated."""
-        pieces = [self._run(piece) for piece in split_rows(feeds, self.batched, self.max_rows)]
-        if len(pieces) == 1:
-            return pieces[0]
-        return {name: torch.cat([p[name] for p in pieces]) for name in self.outputs}
+    def run(self, feeds: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        """The named output for ``feeds``; more rows than the profile allows run in pieces, concatenated."""
+        pieces = [self._run(piece)[output] for piece in split_rows(feeds, self.batched, self.max_rows)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
-            inputs = {}
-            for name, dtype in self.inputs.items():
-                tensor = feeds[name].to(self.device)
-                if not dtype.is_floating_point and tensor.is_floating_point():
-                    tensor = tensor.round()  # float timesteps into an integer input: round, don't truncate
-                tensor = tensor.to(dtype).contiguous()
+            for name, tensor in feeds.items():  # already in the engine's dtype, on its device
                 check_in_profile(self.network, name, tuple(tensor.shape), *self.bounds[name])
                 self.context.set_input_shape(name, tuple(tensor.shape))
                 self.context.set_tensor_address(name, tensor.data_ptr())
-                inputs[name] = tensor  # alive until enqueued; the allocator orders reuse after it
             outputs = {}
             for name, dtype in self.outputs.items():
                 out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device=self.device)
                 self.context.set_tensor_address(name, out.data_ptr())
                 outputs[name] = out
+            mark = self._logger.count
             if not self.context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError(f"TensorRT failed to run the {self.network} engine (see its log above)")
+                errors = "; ".join(self._logger.since(mark)) or "see its log above"
+                raise RuntimeError(f"TensorRT failed to run the {self.network} engine: {errors}")
         return outputs
 
 
-class TensorRTBackend:
+class TensorRTBackend(GraphBackend):
     """Runs the four networks of a ``diffusiond export tensorrt`` artifact."""
 
     name = "tensorrt"
+    is_runtime_out_of_memory = staticmethod(is_trt_out_of_memory)
 
     def __init__(self, model_dir: Path, settings: BackendSettings) -> None:
         trt = import_tensorrt()
@@ -180,64 +201,31 @@ class TensorRTBackend:
         machine = MachineInfo.current(str(device))
         problems, notes = compatibility_problems(manifest, machine)
         problems += missing_engines(model_dir, manifest)
-        if settings.expect_precision and settings.expect_precision != manifest.precision:
-            problems.append(f"holds {manifest.precision} engines, but precision {settings.expect_precision} was asked for")
-        expected_source = settings.expect_source_sha256.lower()
-        if expected_source and not manifest.model_sha256.startswith(expected_source):
-            problems.append(
-                f"was built from another model: its source hash is {manifest.model_sha256[:16] or 'unknown'}..., "
-                f"expected {expected_source[:16]}..."
-            )
-        if problems:
-            raise FailedPrecondition(f"TensorRT artifact {model_dir} cannot be served here: {'; '.join(problems)}")
+        problems += [f"lists an unknown network {c} in its manifest" for c in manifest.components if c not in COMPONENTS]
+        artifact = Artifact(model_dir, "TensorRT artifact", manifest.precision, manifest.model_sha256,
+                            manifest.shape_profile, tuple(problems))
+        check_artifact(artifact, settings, self.name)
         for note in notes:
             log.warning("%s: %s", model_dir, note)
-        if settings.dtype not in ("fp32", "") and not settings.expect_precision:
-            log.warning("--dtype %s is ignored by the tensorrt backend: the engines fix the precision "
-                        "(use --precision to require one)", settings.dtype)
-        self._latent_channels = load_model_config(model_dir).latent_channels
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._device = device
-        self._precision = manifest.precision
+        self._logger = capturing_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(device):
-            self._nets = {
-                name: EngineRunner(trt, self._runtime, model_dir / entry["file"], name, device)
+            graphs = {
+                name: EngineGraph(trt, self._runtime, self._logger, model_dir / entry["file"], name, device)
                 for name, entry in manifest.components.items()
             }
-        log.info("tensorrt %s: %s, %s engines on %s (%s)", trt.__version__, model_dir, self._precision,
+        super().__init__(graphs, descriptors_for(model_dir), artifact, device)
+        log.info("tensorrt %s: %s, %s engines on %s (%s)", trt.__version__, model_dir, artifact.precision,
                  machine.gpu_name, device)
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype_name(self) -> str:
-        return self._precision
-
-    def text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
-        net = self._nets[TEXT_ENCODER]
-        return net.run({"input_ids": input_ids})[net.output_name("last_hidden_state")].float()
-
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        net = self._nets[UNET]
-        timestep = timesteps_for(timestep, sample.shape[0], *net.bounds["timestep"])
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
-        return net.run(feeds)[net.output_name("out_sample")].float()
-
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        net = self._nets[VAE_DECODER]
-        return net.run({"latent_sample": latents})[net.output_name("sample")].float()
-
-    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        net = self._nets.get(VAE_ENCODER)
-        if net is None:
-            raise FailedPrecondition("this TensorRT artifact has no vae_encoder engine, which image inputs need")
-        out = net.run({"sample": images})[net.output_name("latent_parameters", "latent_sample")].float()
-        if out.shape[1] == 2 * self._latent_channels:  # mean and log-variance: the mean is the first half
-            out = out[:, : self._latent_channels]
-        return out.contiguous()
-
     def close(self) -> None:
-        self._nets.clear()
+        super().close()
         torch.cuda.empty_cache()
+
+
+PLUGIN = BackendPlugin(
+    name="tensorrt",
+    description="engines built by `diffusiond export tensorrt`, on a CUDA GPU",
+    load=TensorRTBackend,
+    warm_up=graph.warm_up,
+)

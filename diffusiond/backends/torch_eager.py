@@ -1,4 +1,8 @@
-"""PyTorch eager backend: the diffusers/transformers modules, run as they are."""
+"""PyTorch eager backend: the diffusers/transformers modules, run as they are.
+
+Rows carry their own timesteps natively (diffusers embeds a [B] timestep per
+row); an allocation failure in any module comes out as ``OutOfMemory``.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,10 @@ from pathlib import Path
 import torch
 
 from diffusiond.backends import cpu_features
-from diffusiond.backends.base import DTYPES, BackendSettings
+from diffusiond.backends.base import DTYPES, BackendPlugin, BackendSettings, resolve_device, translate_out_of_memory
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidArgument("device", f"{name!r} is not a device name ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FailedPrecondition(f"device {name!r} was asked for, but this PyTorch build sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidArgument("device", f"{name!r} is not supported; use cpu, cuda or cuda:N")
-    return device
 
 
 class TorchEagerBackend:
@@ -76,11 +68,13 @@ class TorchEagerBackend:
         return self._dtype_name
 
     @torch.inference_mode()
+    @translate_out_of_memory("text_encoder")
     def text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self._text_encoder(input_ids.to(self._device), attention_mask=None)[0]
         return hidden.float()
 
     @torch.inference_mode()
+    @translate_out_of_memory("unet")
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         out = self._unet(
             sample.to(self._dtype),
@@ -91,10 +85,12 @@ class TorchEagerBackend:
         return out.float()
 
     @torch.inference_mode()
+    @translate_out_of_memory("vae_decode")
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._vae.decode(latents.to(self._vae_dtype), return_dict=False)[0].float()
 
     @torch.inference_mode()
+    @translate_out_of_memory("vae_encode")
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._vae.encode(images.to(self._vae_dtype)).latent_dist.mean.float()
 
@@ -102,3 +98,10 @@ class TorchEagerBackend:
         del self._text_encoder, self._unet, self._vae
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+PLUGIN = BackendPlugin(
+    name="torch",
+    description="diffusers-format model directories, run by PyTorch as they are",
+    load=TorchEagerBackend,
+)

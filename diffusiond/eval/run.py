@@ -22,8 +22,8 @@ import numpy as np
 from diffusiond.backends.base import BackendSettings
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.eval.scorer import ATTRIBUTES, Scores, read_image
-from diffusiond.service.resolver import GenerationParams, resolve
 from diffusiond.service.models import load_model
+from diffusiond.service.resolver import GenerationParams, resolve
 from diffusiond.training import dataset
 
 log = logging.getLogger(__name__)

@@ -41,21 +41,10 @@ from typing import Any
 import numpy as np
 
 from diffusiond.errors import DiffusiondError, FailedPrecondition, InvalidArgument, NotFound
-from diffusiond.export import onnx_io
-from diffusiond.export import calibration
+from diffusiond.export import calibration, onnx_io
 from diffusiond.export.calibration import CalibrationSettings, capture_unet_inputs
 from diffusiond.export.fp16 import Fp16Settings, convert_to_fp16, fp16_components
 from diffusiond.export.int8 import Int8Settings, quantize_unet
-from diffusiond.export.manifest import (
-    MANIFEST_FILE,
-    PRECISIONS,
-    ComponentEntry,
-    Manifest,
-    hash_directory,
-    missing_files,
-    options_key,
-    read_manifest,
-)
 from diffusiond.export.progress import Progress
 from diffusiond.export.staging import staged
 from diffusiond.models.config import SERVING_DEFAULTS_FILE, load_model_config, read_json
@@ -68,11 +57,23 @@ from diffusiond.models.descriptors import (
     ShapeProfile,
     sd_descriptors,
 )
+from diffusiond.models.manifest import (
+    MANIFEST_FILE,
+    PRECISIONS,
+    ComponentEntry,
+    Manifest,
+    hash_directory,
+    missing_files,
+    options_key,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 # Bump when the export recipe changes, so existing artifacts are rebuilt rather than reused.
-RECIPE_VERSION = 2  # bump when the artifact changes for the same source and options
+# 3: the UNet is traced and verified with a different timestep in every row (continuous batching
+# mixes requests at different steps in one call), so an export that ignored all but row 0's is rebuilt.
+RECIPE_VERSION = 3
 DEFAULT_OPSET = 17
 SOURCE_CONFIG = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 # fp32 networks must match PyTorch to this (absolute, scaled by the output's magnitude when above 1).

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def profile_from_args(args: argparse.Namespace, onnx_dir: Path):
     """The export's own profile, with any size/image bounds the operator overrode."""
-    from diffusiond.export.manifest import read_manifest
     from diffusiond.models.config import load_model_config
     from diffusiond.models.descriptors import Range, ShapeProfile
+    from diffusiond.models.manifest import read_manifest
 
     if not (args.max_images or args.min_size or args.opt_size or args.max_size):
         return None

@@ -206,7 +206,10 @@ class NetworkDescriptor:
             if spec.sample is Sample.TOKENS:
                 value = rng.integers(0, self.dims.vocab_size, size=shape)
             elif spec.sample is Sample.TIMESTEP:
-                value = np.full(shape, rng.integers(0, self.dims.num_train_timesteps))
+                # A different timestep in every row: rows of one call may be at different steps
+                # (requests batched mid-generation), and a trace or check with equal rows would
+                # not tell a network that uses one timestep for all.
+                value = rng.choice(self.dims.num_train_timesteps, size=shape, replace=False)
             elif spec.sample is Sample.IMAGE:
                 value = rng.uniform(-1.0, 1.0, size=shape)
             else:

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusiond.backends import registry as backends
 from diffusiond.backends.base import Backend, BackendSettings
-from diffusiond.backends.registry import create_backend
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
 from diffusiond.pipeline.schedulers import SchedulerFactory
@@ -54,7 +54,7 @@ def load_model(
     """Load a model directory onto a backend and wrap it in the shared pipeline."""
     config = load_model_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    backend = create_backend(backend_name, model_dir, settings or BackendSettings())
+    backend = backends.create_backend(backend_name, model_dir, settings or BackendSettings())
     prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
     pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config)
     limits = ModelLimits.for_model(config, max_size=max_size)
@@ -67,8 +67,10 @@ def load_model(
 
 
 def warm_up(model: LoadedModel) -> None:
-    """One short generation at the default size, so the first client does not pay for lazy initialisation."""
+    """The backend's own warm-up (e.g. its networks at their optimal shapes), then one short generation
+    at the default size, so the first client does not pay for lazy initialisation."""
     started = time.perf_counter()
+    backends.warm_up(model.backend)
     request = resolve(GenerationParams(prompt="warm up", steps=1, seed=0, request_id="warmup"), model)
     model.pipeline.generate(request)
     log.info("warmed up %s in %.2fs", model.name, time.perf_counter() - started)

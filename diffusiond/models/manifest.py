@@ -1,8 +1,9 @@
-"""``manifest.json``: what an exported directory holds, where it came from, how it was made.
+"""``manifest.json``: what an ONNX export holds, where it came from, how it was made.
 
 Export writes it last (a directory without one is incomplete or foreign);
-export reads it to decide whether an artifact is up to date; the server
-reads it to refuse an artifact that is not what the operator asked for.
+export reads it to decide whether an artifact is up to date; a backend reads
+it to refuse an artifact that is not what the operator asked for. It lives
+here, below both, because both read it.
 """
 
 from __future__ import annotations
@@ -125,32 +126,44 @@ def missing_files(directory: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def check_for_serving(
-    directory: Path,
-    manifest: Manifest,
-    expect_precision: str | None = None,
-    expect_source_sha256: str | None = None,
-) -> None:
-    """Raise FailedPrecondition saying what is wrong when ``manifest`` is not what the server was asked for."""
-    where = f"artifact {directory}"
+def manifest_problems(directory: Path, manifest: Manifest) -> list[str]:
+    """Why ``directory`` cannot be served as its manifest describes it (empty: nothing is wrong)."""
     absent = [c for c in REQUIRED_COMPONENTS if c not in manifest.components]
     if absent:
-        raise FailedPrecondition(
-            f"{where}: its manifest lists no {', '.join(absent)} component "
-            f"(has: {', '.join(manifest.components) or 'none'}); re-export it"
-        )
+        return [
+            f"lists no {', '.join(absent)} component in its manifest "
+            f"(it lists {', '.join(manifest.components) or 'none'}); re-export it"
+        ]
     unknown = [c for c in manifest.components if c not in COMPONENTS]
     if unknown:
-        raise FailedPrecondition(f"{where}: its manifest lists unknown components {', '.join(unknown)}")
-    problems = missing_files(directory, manifest)
-    if problems:
-        raise FailedPrecondition(f"{where} is incomplete: {'; '.join(problems)}; re-export it")
-    if expect_precision and manifest.precision != expect_precision:
-        raise FailedPrecondition(
-            f"{where} holds {manifest.precision} networks, but precision {expect_precision} was asked for"
-        )
-    if expect_source_sha256 and not manifest.source_sha256.startswith(expect_source_sha256.lower()):
-        raise FailedPrecondition(
-            f"{where} was exported from another model: its source hash is {manifest.source_sha256[:16]}..., "
-            f"expected {expect_source_sha256[:16]}... (source was {manifest.source.get('path')})"
-        )
+        return [f"lists unknown components {', '.join(unknown)} in its manifest"]
+    missing = missing_files(directory, manifest)
+    if missing:
+        return [f"is incomplete: {'; '.join(missing)}; re-export it"]
+    return []
+
+
+_QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
+
+
+def infer_precision(unet_path: Path, unet_input_types: list[str] | None = None) -> str:
+    """Precision of an export without a manifest (e.g. Optimum's): fp16 inputs, or quantize/dequantize nodes, tell.
+
+    ``unet_input_types`` are the graph's input types as ONNX Runtime names them
+    (``tensor(float16)``...), when a session already has them: they decide fp16
+    without reading the file.
+    """
+    if "tensor(float16)" in (unet_input_types or []):
+        return "fp16"
+    try:
+        import onnx
+    except ImportError:
+        return "fp32"
+    graph = onnx.load(str(unet_path), load_external_data=False).graph
+    if any(n.op_type in _QUANTIZED_OPS for n in graph.node):
+        return "int8"
+    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer):
+        return "fp16"
+    if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in graph.input):
+        return "fp16"
+    return "fp32"
