@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from diffusiond.errors import FailedPrecondition
 from diffusiond.models.config import ModelConfig
+from diffusiond.service.image_decode import ImageLimits
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ModelLimits:
     max_guidance_scale: float = 30.0
     max_prompt_chars: int = 4096
     max_preview_size: int = 4096
+    input_images: ImageLimits = ImageLimits()  # init and mask images, each (the server's --max-input-* flags)
 
     @classmethod
     def for_model(cls, config: ModelConfig, max_size: int = 2048, size_multiple: int | None = None,

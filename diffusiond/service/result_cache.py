@@ -34,6 +34,8 @@ def result_key(request: GenerationRequest, model: LoadedModel) -> ResultKey:
         request.prompt, request.negative_prompt, request.width, request.height, request.steps,
         request.guidance_scale, request.seed, request.num_images, request.scheduler,
         request.output_format.value, request.quality,
+        request.init,  # strength, mask options and the digest of the image bytes (not the pixels)
+        request.hires,
     )
 
 
