@@ -46,7 +46,10 @@ class CachedResult:
 
     @classmethod
     def of(cls, result: EncodedResult) -> CachedResult:
-        return cls(result, result.size_bytes + ENTRY_OVERHEAD_BYTES)
+        """The entry for ``result``, without its request's decoded input images: ``answer`` puts the asking
+        request in their place, and the byte bound counts only the encoded images."""
+        stripped = replace(result, request=replace(result.request, init=None))
+        return cls(stripped, result.size_bytes + ENTRY_OVERHEAD_BYTES)
 
     def answer(self, request: GenerationRequest) -> EncodedResult:
         """The cached images as the answer to ``request``: its id, zero timings, marked as from the cache."""
