@@ -167,6 +167,29 @@ def test_a_request_cancelled_in_its_second_pass_stops_before_the_next_step():
     assert calls(model) == [(2, 8)] * 4 + [(1, 8)] * 2 + [(2, 16)] + [(1, 16)] * 2
 
 
+def test_a_request_whose_first_pass_has_no_steps_starts_at_its_second_size():
+    """img2img at strength 0 plus hi-res: admitted by its first size, it is at the second after prepare."""
+
+    async def main():
+        model = scripted_model()
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(BatcherSettings(max_batch_size=4))
+        plain = handle_for(model, loop, "plain", steps=3)
+        jump = handle_for(model, loop, "jump", steps=3, init_image=encode(picture()), strength=0.0,
+                          hires=HiresParams(scale=2.0, steps=4, strength=0.5))
+        for handle in (plain, jump):
+            batcher.submit(handle)
+        batcher.start()
+        outcomes = await asyncio.gather(plain.outcome, jump.outcome, return_exceptions=True)
+        batcher.shutdown()
+        return model, outcomes
+
+    model, (plain, jump) = run(main())
+    assert isinstance(plain, GenerationResult) and isinstance(jump, GenerationResult)
+    assert calls(model) == [(1, 8)] * 3 + [(1, 16)] * 2
+    np.testing.assert_array_equal(jump.images, scripted_model().pipeline.generate(jump.request).images)
+
+
 # -- over gRPC ------------------------------------------------------------------------------------
 
 

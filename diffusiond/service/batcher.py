@@ -273,6 +273,7 @@ class Batcher:
         # Started requests whose next pass has another latent shape than the running set's; before the queue.
         self._resuming: deque[RequestHandle] = deque()
         self._running: list[RequestHandle] = []  # only the worker changes it, under the lock
+        self._group: Hashable = None  # what the running set's members share (``_group_of``)
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -400,6 +401,7 @@ class Batcher:
     def _run_one_step(self, admitted: list[RequestHandle]) -> None:
         for handle in admitted:
             self._start(handle)
+        self._move_strays()  # a hi-res request whose first pass has no steps starts at its second size
         self._publish_positions()
         for handle in self.running:  # cancelled, past the deadline, or aborted: out before the step
             reason = handle.stop_reason()
@@ -409,7 +411,6 @@ class Batcher:
         if not running:
             return
         model = running[0].model
-        group = self._group_of(running[0])
         states = [handle.state for handle in running if handle.state is not None]
         try:
             model.pipeline.step(states, _ModelMetrics(model.name, self.metrics))
@@ -422,8 +423,7 @@ class Batcher:
             state = handle.state
             if state is not None and not state.active:
                 self._finish(handle, state)
-            elif state is not None and self._group_of(handle) != group:
-                self._move_to_resuming(handle)
+        self._move_strays()
         if not self._busy_now():  # drained: whatever ran out of memory is gone too
             model.pipeline.forget_row_limits()
 
@@ -431,14 +431,18 @@ class Batcher:
         with self._cond:
             return self._busy()
 
-    def _move_to_resuming(self, handle: RequestHandle) -> None:
-        """A running request whose next pass has another latent shape waits, before the queue, for a set of it."""
-        assert handle.state is not None
-        with self._cond:
-            self._running.remove(handle)
-            self._resuming.append(handle)
-        log.info("req=%s resumes at %dx%d after step %d", handle.request.request_id, handle.state.current.width,
-                 handle.state.current.height, handle.state.steps_done)
+    def _move_strays(self) -> None:
+        """Running requests whose pass now has another latent shape than the set's wait, before the queue,
+        for a set of theirs."""
+        for handle in self.running:
+            state = handle.state
+            if state is None or self._group_of(handle) == self._group:
+                continue
+            with self._cond:
+                self._running.remove(handle)
+                self._resuming.append(handle)
+            log.info("req=%s resumes at %dx%d after step %d", handle.request.request_id, state.current.width,
+                     state.current.height, state.steps_done)
 
     def _admit(self) -> list[RequestHandle] | None:
         """Requests to add to the running set at this step boundary; None when the worker should stop.
@@ -454,7 +458,7 @@ class Batcher:
                 return self._form_batch()
             if not self.continuous:
                 return []
-            return self._take_joiners(self._group_of(self._running[0]), self._running_images())
+            return self._take_joiners(self._group, self._running_images())
 
     def _running_images(self) -> int:
         return sum(handle.images for handle in self._running)
@@ -462,13 +466,14 @@ class Batcher:
     def _form_batch(self) -> list[RequestHandle]:
         """A new running set around the oldest waiting request, resuming ones first (called with the lock held)."""
         first = self._resuming.popleft() if self._resuming else self._pending.popleft()
+        self._group = self._group_of(first)
         batch, images = [first], first.images
         limit = self.settings.max_batch_size
         # The delay counts from the oldest request's arrival: one that already waited behind
         # a running set does not wait again.
         give_up = first.enqueued_at + self.settings.max_batch_delay_ms / 1000.0
         while images < limit:
-            joiners = self._take_joiners(self._group_of(first), images)
+            joiners = self._take_joiners(self._group, images)
             batch += joiners
             images += sum(handle.images for handle in joiners)
             remaining = give_up - time.monotonic()
@@ -478,14 +483,14 @@ class Batcher:
         return batch
 
     def _group_of(self, handle: RequestHandle) -> Hashable:
-        """Which running set a request may be in: its latent shape now (continuous), or also the same
-        timesteps (static). A started request's state says where it is; a hi-res pass moves it."""
+        """Which running set a request may be in: its latent shape now (continuous), and also the same
+        timesteps and pass (static). A started request's state says where it is; a hi-res pass moves it."""
         state = handle.state
-        if state is None:
-            return handle.request.latent_group() if self.continuous else handle.request.static_group()
+        request = handle.request
+        shape = request.latent_group() if state is None else state.latent_group()
         if self.continuous:
-            return state.latent_group()
-        return (state.latent_group(), handle.request.static_group(), state.current.first_step)
+            return shape
+        return (shape, request.static_group(), 0 if state is None else state.current.first_step)
 
     def _take_joiners(self, group: Hashable, images: int) -> list[RequestHandle]:
         """Waiting requests that may join a set of ``group`` holding ``images`` images (lock held).
