@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -156,3 +157,11 @@ def onnx_export(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             return made[precision]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def raw_channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    """A channel that sends bytes as they are (no protobuf serialisation): for corrupt-input tests."""
+    channel = grpc.insecure_channel(server.address)
+    yield channel
+    channel.close()
