@@ -106,6 +106,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
                           help="generation calls per second one client may start, on average (0: no limit)")
     security.add_argument("--per-client-burst", type=int, default=0,
                           help="calls a client may start at once within its rate (default: the rate, at least 1)")
+    security.add_argument("--safety-checker", default="", metavar="DIR",
+                          help="filter every image with diffusers' StableDiffusionSafetyChecker from DIR (a checker "
+                          "directory, or a model directory with safety_checker/ and feature_extractor/): flagged "
+                          "images are sent black and marked")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -168,6 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
             client_limits=ClientLimitSettings(
                 max_inflight=args.per_client_max_inflight, rate=args.per_client_rate, burst=args.per_client_burst
             ),
+            safety_checker=args.safety_checker,
         )
     except (ValueError, DiffusiondError) as exc:  # a flag out of range
         log.error("cannot serve: %s", exc)

@@ -103,6 +103,7 @@ class GenerationResult:
     seeds: list[int]
     timings: Timings
     warnings: list[str] = field(default_factory=list)
+    filtered: list[bool] = field(default_factory=list)  # per image: withheld by the safety checker (black)
 
     def images_uint8(self) -> np.ndarray:
         """The same rounding diffusers uses when it makes PIL images."""

@@ -44,6 +44,7 @@ from diffusiond.pipeline.request import (
     StepInfo,
     Timings,
 )
+from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 
@@ -93,12 +94,18 @@ class RequestState:
 
 class Text2ImagePipeline:
     def __init__(
-        self, backend: Backend, prompts: PromptEncoder, schedulers: SchedulerFactory, config: ModelConfig
+        self,
+        backend: Backend,
+        prompts: PromptEncoder,
+        schedulers: SchedulerFactory,
+        config: ModelConfig,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.backend = backend
         self.prompts = prompts
         self.schedulers = schedulers
         self.config = config
+        self.safety = safety  # when set, every image and preview image handed out is checked
         self._unet_rows = RowRunner("unet", backend.device)
         self._decode_rows = RowRunner("vae_decode", backend.device)
 
@@ -318,6 +325,8 @@ class Text2ImagePipeline:
                 if decoded is None:
                     raise OutOfMemory("a preview decode did not fit even one image at a time")
                 preview = previews.to_uint8_images(decoded)
+            if self.safety is not None and preview is not None and request.preview.kind is not PreviewKind.LATENT:
+                self.safety.blank_flagged(preview)  # a preview must not show what the result would withhold
         elapsed = time.perf_counter() - (state.started_at or 0.0)
         state.timings.denoise_s = elapsed
         state.observer.on_step(
@@ -349,6 +358,7 @@ class Text2ImagePipeline:
             state.error = self._does_not_fit(state.request, "decoding one of its images")
             raise state.error
         images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        filtered = self._filter(state, images, observer or NullBatchObserver())
         timings = state.timings
         timings.decode_s = time.perf_counter() - started
         timings.total_s = timings.text_encode_s + timings.denoise_s + timings.decode_s
@@ -358,7 +368,23 @@ class Text2ImagePipeline:
             seeds=state.request.image_seeds(),
             timings=timings,
             warnings=state.warnings,
+            filtered=filtered,
         )
+
+    def _filter(self, state: RequestState, images: np.ndarray, observer: BatchObserver) -> list[bool]:
+        """Black out the images the safety checker flags (when there is one), and say so."""
+        if self.safety is None:
+            return [False] * len(images)
+        flagged = self.safety.blank_flagged(images)
+        if any(flagged):
+            withheld = [i for i, flag in enumerate(flagged) if flag]
+            log.info("req=%s: the safety checker withheld image(s) %s", state.request.request_id, withheld)
+            state.warnings.append(
+                f"image(s) {', '.join(map(str, withheld))} withheld: the safety checker flagged them; "
+                "they are black"
+            )
+            observer.on_images_filtered(len(withheld))
+        return flagged
 
     def _decode(self, latents: torch.Tensor, observer: BatchObserver) -> torch.Tensor | None:
         """VAE decode of scaled latents (fewer images per call if memory runs out); None if one alone fails."""

@@ -68,6 +68,7 @@ class ServerSettings:
     reflection: bool = True  # behind authentication when it is on
     tls: TlsSettings | None = None
     client_limits: ClientLimitSettings = field(default_factory=ClientLimitSettings)
+    safety_checker: str = ""  # a StableDiffusionSafetyChecker directory: every model's outputs are filtered
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -185,6 +186,7 @@ class DiffusionServer:
                 settings=self.settings.backend_settings,
                 max_size=self.settings.max_size,
                 prompt_cache_size=self.settings.prompt_cache_size,
+                safety_checker=Path(self.settings.safety_checker) if self.settings.safety_checker else None,
             )
             if self.settings.warmup:
                 warm_up(model)

@@ -111,7 +111,7 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
 
 def image_to_proto(image: EncodedImage) -> pb.Image:
     return pb.Image(data=image.data, mime_type=image.mime_type, width=image.width, height=image.height,
-                    seed=image.seed, index=image.index)
+                    seed=image.seed, index=image.index, filtered=image.filtered)
 
 
 def response_to_proto(result: EncodedResult) -> pb.GenerateResponse:

@@ -11,6 +11,7 @@ from diffusiond.backends import registry as backends
 from diffusiond.backends.base import Backend, BackendSettings
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
+from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
@@ -50,13 +51,16 @@ def load_model(
     settings: BackendSettings | None = None,
     max_size: int = 2048,
     prompt_cache_size: int = 256,
+    safety_checker: Path | None = None,
 ) -> LoadedModel:
-    """Load a model directory onto a backend and wrap it in the shared pipeline."""
+    """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
+    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch)."""
     config = load_model_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     backend = backends.create_backend(backend_name, model_dir, settings or BackendSettings())
     prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
-    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config)
+    safety = SafetyChecker.load(safety_checker, backend.device) if safety_checker is not None else None
+    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config, safety)
     limits = ModelLimits.for_model(config, max_size=max_size)
     log.info(
         "loaded model %s from %s on %s (%s, %s); native size %d, default scheduler %s",

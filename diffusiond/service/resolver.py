@@ -133,6 +133,12 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
             f"{model.name!r} has {model.config.latent_channels} (use PREVIEW_KIND_FULL or PREVIEW_KIND_LATENT)"
         )
 
+    if preview_kind is PreviewKind.LATENT and model.pipeline.safety is not None:
+        raise FailedPrecondition(
+            "preview.kind: this server filters images with a safety checker, and raw latents would bypass it; "
+            "use PREVIEW_KIND_APPROX_RGB or PREVIEW_KIND_FULL"
+        )
+
     scheduler = model.schedulers.resolve(params.scheduler)
     seed = params.seed if params.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
     return GenerationRequest(

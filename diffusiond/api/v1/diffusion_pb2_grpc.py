@@ -35,7 +35,10 @@ class DiffusionStub:
     RESOURCE_EXHAUSTED  the request queue is full, or the request does not fit
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
-    (e.g. a preview kind its latents do not support).
+    (e.g. a preview kind its latents do not support, or
+    latent previews on a server that filters content).
+    UNAUTHENTICATED     the server requires a bearer token (authorization
+    metadata) and the call has none, or an unknown one.
     UNAVAILABLE         the server is loading or shutting down.
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran out of time;
     its denoising stops at the next step.
@@ -74,7 +77,10 @@ class DiffusionServicer:
     RESOURCE_EXHAUSTED  the request queue is full, or the request does not fit
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
-    (e.g. a preview kind its latents do not support).
+    (e.g. a preview kind its latents do not support, or
+    latent previews on a server that filters content).
+    UNAUTHENTICATED     the server requires a bearer token (authorization
+    metadata) and the call has none, or an unknown one.
     UNAVAILABLE         the server is loading or shutting down.
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran out of time;
     its denoising stops at the next step.
@@ -139,7 +145,10 @@ class Diffusion:
     RESOURCE_EXHAUSTED  the request queue is full, or the request does not fit
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
-    (e.g. a preview kind its latents do not support).
+    (e.g. a preview kind its latents do not support, or
+    latent previews on a server that filters content).
+    UNAUTHENTICATED     the server requires a bearer token (authorization
+    metadata) and the call has none, or an unknown one.
     UNAVAILABLE         the server is loading or shutting down.
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran out of time;
     its denoising stops at the next step.
