@@ -63,6 +63,17 @@ def test_calls_need_a_known_bearer_token(auth_server, caplog):
     assert "client=alice" in text and ALICE not in text and "wrong-token" not in text
 
 
+def test_the_cli_passes_tokens(auth_server, monkeypatch, capsys):
+    from diffusiond.cli import main
+
+    assert main(["models", "--server", auth_server.address]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["models", "--server", auth_server.address, "--token", ALICE]) == 0
+    monkeypatch.setenv("DIFFUSIOND_TOKEN", BOB)
+    assert main(["models", "--server", auth_server.address]) == 0
+    assert "builtin (default)" in capsys.readouterr().out
+
+
 def test_health_is_open_and_reflection_is_behind_the_token(auth_server):
     channel = grpc.insecure_channel(auth_server.address)
     try:
@@ -235,6 +246,10 @@ def test_tls_without_client_certificates(builtin_dir, pki):
     with running_server(settings(builtin_dir, tls=TlsSettings(str(server.cert), str(server.key)), warmup=False)) as t:
         with DiffusionClient(t.address, timeout=WAIT_S, credentials=tls_credentials(pki["ca"])) as c:
             assert c.list_models()
+        from diffusiond.cli import main
+
+        assert main(["models", "--server", t.address, "--tls-ca", str(pki["ca"])]) == 0
+        assert main(["models", "--server", t.address, "--timeout", "10"]) == 1  # plaintext to a TLS port
 
 
 # -- hostile input -------------------------------------------------------------------------
