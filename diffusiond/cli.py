@@ -67,6 +67,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
     parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
                         help="how long the oldest queued request waits for company when nothing is running")
     parser.add_argument("--max-size", type=int, default=2048, help="largest width/height accepted, in pixels")
+    parser.add_argument("--cache-interval", type=int, default=1,
+                        help="step caching for requests that do not choose: the full UNet every N steps, its "
+                        "shallow blocks in between (faster, approximate; 1: off, exact)")
+    parser.add_argument("--cache-depth", type=int, default=1,
+                        help="up blocks a step-cached shallow pass runs (1: fastest)")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds accepted requests get to finish on shutdown")
     parser.add_argument("--prompt-cache-size", type=int, default=256,
@@ -173,6 +178,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 max_inflight=args.per_client_max_inflight, rate=args.per_client_rate, burst=args.per_client_burst
             ),
             safety_checker=args.safety_checker,
+            cache_interval=args.cache_interval,
+            cache_depth=args.cache_depth,
         )
     except (ValueError, DiffusiondError) as exc:  # a flag out of range
         log.error("cannot serve: %s", exc)

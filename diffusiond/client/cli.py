@@ -49,6 +49,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview", default="approx_rgb", choices=[k for k in PREVIEWS if k != "none"],
                         help="preview kind saved with --preview-dir")
     parser.add_argument("--preview-every", type=int, default=1, help="a preview every N steps")
+    parser.add_argument("--cache-interval", type=int, default=0,
+                        help="step caching: the full UNet every N steps (faster, approximate; 1: exact; "
+                        "default: the server's)")
+    parser.add_argument("--cache-depth", type=int, default=0, help="up blocks a step-cached pass runs (default: the server's)")
     add_connection_arguments(parser)
 
 
@@ -157,6 +161,8 @@ def run_generate(args: argparse.Namespace) -> int:
             model=args.model,
             preview=args.preview if (args.stream and args.preview_dir) else "none",
             preview_every=args.preview_every,
+            cache_interval=args.cache_interval,
+            cache_depth=args.cache_depth,
         )
     except ValueError as exc:
         return _fail(str(exc), 2)
@@ -199,6 +205,8 @@ def run_models(args: argparse.Namespace) -> int:
             f"  size {m.default_width}x{m.default_height} (from {m.min_size} to {m.max_size}, "
             f"multiples of {m.size_multiple}), {m.default_steps} steps, guidance {m.default_guidance_scale:g}\n"
             f"  schedulers: {', '.join(m.schedulers)} (default {m.default_scheduler})\n"
+            + (f"  step caching: depths {', '.join(map(str, m.step_cache_depths))} (default every "
+               f"{m.default_cache_interval} at depth {m.default_cache_depth})\n" if m.step_cache_depths else "")
         )
     return 0
 

@@ -98,6 +98,8 @@ def build_request(
     preview: str = "none",
     preview_every: int = 0,
     preview_max_size: int = 0,
+    cache_interval: int = 0,
+    cache_depth: int = 0,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default"."""
     if output_format.lower() not in FORMATS:
@@ -119,6 +121,8 @@ def build_request(
         preview=pb.PreviewOptions(
             kind=PREVIEWS[preview.lower()], every_n_steps=preview_every, max_size=preview_max_size
         ),
+        cache_interval=cache_interval,
+        cache_depth=cache_depth,
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale

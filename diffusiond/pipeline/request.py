@@ -62,6 +62,14 @@ class GenerationRequest:
     output_format: ImageFormat = ImageFormat.PNG
     quality: int = 90
     preview: PreviewSpec = field(default_factory=PreviewSpec)
+    # Step caching: the full UNet every ``cache_interval`` steps, only its shallow blocks (those
+    # above ``cache_depth`` up blocks) in between; 1 runs the full UNet at every step (exact).
+    cache_interval: int = 1
+    cache_depth: int = 1
+
+    @property
+    def caches_steps(self) -> bool:
+        return self.cache_interval > 1
 
     @property
     def uses_guidance(self) -> bool:

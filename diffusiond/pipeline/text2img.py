@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusiond.backends.base import Backend
+from diffusiond.backends.base import Backend, CachesDeepFeatures, CrossAttentionKV
 from diffusiond.errors import OutOfMemory, ResourceExhausted
 from diffusiond.models.config import ModelConfig
 from diffusiond.pipeline import previews
@@ -50,6 +50,8 @@ from diffusiond.pipeline.text import PromptEncoder
 
 log = logging.getLogger(__name__)
 
+Context = torch.Tensor | CrossAttentionKV
+
 
 @dataclass
 class RequestState:
@@ -60,14 +62,15 @@ class RequestState:
     scheduler: Any  # its own instance: multistep schedulers keep history
     generators: list[torch.Generator]  # one per image, seeded seed + i
     step_kwargs: dict[str, Any]  # eta / generator, for schedulers that take them
-    cond: torch.Tensor  # [k, T, D] prompt encoding
-    uncond: torch.Tensor | None  # [k, T, D] negative prompt encoding; None without guidance
+    cond: Context  # [k, T, D] prompt encoding (or its cross-attention keys and values)
+    uncond: Context | None  # the negative prompt's; None without guidance
     latents: torch.Tensor  # [k, C, h, w] on the backend's device
     timings: Timings
     warnings: list[str]
     steps_done: int = 0
     started_at: float | None = None  # perf_counter() at its first step
     model_input: torch.Tensor | None = None  # the scaled latents of the step in progress
+    deep: torch.Tensor | None = None  # step caching: the UNet's deep features from its latest full pass
     error: BaseException | None = None  # set when it stops early; finish raises it
 
     @property
@@ -90,6 +93,25 @@ class RequestState:
     def rows(self) -> int:
         """UNet rows per step: one per image, two with guidance."""
         return self.request.num_images * (1 if self.uncond is None else 2)
+
+    @property
+    def unet_pass(self) -> UNetPass:
+        """Which UNet pass this step takes: step caching reuses deep features between full passes."""
+        request = self.request
+        if not request.caches_steps:
+            return UNetPass(PLAIN, 0)
+        if self.deep is None or self.steps_done % request.cache_interval == 0:
+            return UNetPass(FULL, request.cache_depth)
+        return UNetPass(SHALLOW, request.cache_depth)
+
+
+PLAIN, FULL, SHALLOW = "plain", "full", "shallow"
+
+
+@dataclass(frozen=True)
+class UNetPass:
+    kind: str  # PLAIN: the whole UNet; FULL: the whole UNet, keeping its deep features; SHALLOW: reusing them
+    depth: int  # up blocks the shallow pass runs (FULL, SHALLOW)
 
 
 class Text2ImagePipeline:
@@ -215,8 +237,8 @@ class Text2ImagePipeline:
             scheduler=scheduler,
             generators=generators,
             step_kwargs=step_kwargs,
-            cond=cond.expand(k, -1, -1),
-            uncond=None if uncond is None else uncond.expand(k, -1, -1),
+            cond=_repeat(cond, k),
+            uncond=None if uncond is None else _repeat(uncond, k),
             latents=latents,
             timings=timings,
             warnings=warnings,
@@ -224,14 +246,14 @@ class Text2ImagePipeline:
         observer.on_started(StartInfo(total_steps=state.total_steps))
         return state
 
-    def _encode(self, text: str, field_name: str, warnings: list[str]) -> torch.Tensor:
+    def _encode(self, text: str, field_name: str, warnings: list[str]) -> Context:
         encoding = self.prompts.encode(text)
         if encoding.truncated_tokens:
             warnings.append(
                 f"{field_name} was truncated: {encoding.truncated_tokens} tokens beyond the text "
                 f"encoder's limit of {self.config.text_max_length} were ignored"
             )
-        return encoding.hidden_states
+        return encoding.context
 
     # -- stage 2: step --------------------------------------------------------------------
 
@@ -258,26 +280,13 @@ class Text2ImagePipeline:
             if state.started_at is None:
                 state.started_at = now
 
-        # Model input: each state's latents scaled for its own timestep, twice with guidance.
-        samples, contexts, timesteps, spans = [], [], [], []
-        row = 0
+        # Model input: each state's latents scaled for its own timestep.
         for state in active:
-            t = state.timestep
-            state.model_input = state.scheduler.scale_model_input(state.latents, t)
-            halves = [state.cond] if state.uncond is None else [state.uncond, state.cond]
-            for context in halves:
-                samples.append(state.model_input)
-                contexts.append(context)
-            timesteps.append(torch.full((state.rows,), float(t), dtype=torch.float32))
-            spans.append((row, row + state.rows))
-            row += state.rows
-        sample = torch.cat(samples)
-        context = torch.cat(contexts)
-        timestep = torch.cat(timesteps).to(sample.device)
+            state.model_input = state.scheduler.scale_model_input(state.latents, state.timestep)
 
-        # Noise prediction: one UNet call, a timestep per row.
+        # Noise prediction: one UNet call, a timestep per row (two with step caching: full and shallow passes).
         started = time.perf_counter()
-        outputs = self._unet_rows.run(self.backend.unet, (sample, timestep, context), spans, shapes.pop(), observer)
+        outputs = self._predict_noise(active, shapes.pop(), observer)
         observer.on_denoise_step(
             len(active), sum(s.request.num_images for s in active), time.perf_counter() - started
         )
@@ -291,6 +300,65 @@ class Text2ImagePipeline:
             except OutOfMemory:
                 release_cached_memory(self.backend.device)
                 state.error = self._does_not_fit(state.request, "its denoising step or preview")
+
+    def _predict_noise(
+        self, states: list[RequestState], latent_shape: tuple[int, ...], observer: BatchObserver
+    ) -> list[torch.Tensor | None]:
+        """The UNet's output rows of every state (negative prompt's rows first), None for one that does not fit.
+
+        All states share one call, except that under step caching the states
+        taking a shallow pass share another (they run other blocks).
+        """
+        passes = [state.unet_pass for state in states]
+        full = [p for p in passes if p.kind == FULL]
+        if full:  # plain rows ride along in a full pass; its deep features are simply not kept for them
+            passes = [full[0] if p.kind == PLAIN and p.depth == 0 else p for p in passes]
+        outputs: list[torch.Tensor | None] = [None] * len(states)
+        for unet_pass in dict.fromkeys(passes):
+            members = [i for i, p in enumerate(passes) if p == unet_pass]
+            results = self._run_unet([states[i] for i in members], unet_pass, latent_shape, observer)
+            for i, result in zip(members, results):
+                outputs[i] = result
+        return outputs
+
+    def _run_unet(
+        self, states: list[RequestState], unet_pass: UNetPass, latent_shape: tuple[int, ...], observer: BatchObserver
+    ) -> list[torch.Tensor | None]:
+        samples, contexts, timesteps, deep, spans = [], [], [], [], []
+        row = 0
+        for state in states:
+            halves = [state.cond] if state.uncond is None else [state.uncond, state.cond]
+            for context in halves:
+                samples.append(state.model_input)
+                contexts.append(context)
+            timesteps.append(torch.full((state.rows,), float(state.timestep), dtype=torch.float32))
+            if unet_pass.kind == SHALLOW:
+                deep.append(state.deep)
+            spans.append((row, row + state.rows))
+            row += state.rows
+        sample = torch.cat(samples)
+        inputs = [sample, torch.cat(timesteps).to(sample.device), _cat_contexts(contexts), *_cat_deep(deep)]
+        key = (latent_shape, unet_pass)
+        if unet_pass.kind == PLAIN:
+            return self._unet_rows.run(self.backend.unet, inputs, spans, key, observer)
+        if not isinstance(self.backend, CachesDeepFeatures):
+            raise RuntimeError(f"backend {self.backend.name} cannot cache steps")  # the resolver refuses this first
+        depth = unet_pass.depth
+
+        def split(sample, timestep, context, deep=None):  # noqa: ANN001, ANN202 - the runner's row slices
+            return self.backend.unet_split(sample, timestep, context, depth, deep)
+
+        results = self._unet_rows.run(split, inputs, spans, key, observer)
+        outputs: list[torch.Tensor | None] = []
+        for state, result in zip(states, results):
+            if result is None:
+                outputs.append(None)
+                continue
+            output, features = result
+            if state.request.caches_steps and state.request.cache_depth == depth:
+                state.deep = features
+            outputs.append(output)
+        return outputs
 
     def _advance(self, state: RequestState, output: torch.Tensor, observer: BatchObserver) -> None:
         """Guidance, the state's own scheduler step, and its progress event (with a preview when due)."""
@@ -402,3 +470,20 @@ class Text2ImagePipeline:
             "try fewer images or a smaller size"
         )
 
+
+
+def _repeat(context: Context, rows: int) -> Context:
+    """A prompt's single-row encoding for each of a request's images."""
+    if isinstance(context, CrossAttentionKV):
+        return context.expand(rows)
+    return context.expand(rows, -1, -1)
+
+
+def _cat_contexts(contexts: list[Context]) -> Context:
+    if isinstance(contexts[0], CrossAttentionKV):
+        return CrossAttentionKV.cat(contexts)  # type: ignore[arg-type]
+    return torch.cat(contexts)  # type: ignore[arg-type]
+
+
+def _cat_deep(deep: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    return [torch.cat(deep)] if deep else []  # type: ignore[arg-type]

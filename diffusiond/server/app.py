@@ -69,6 +69,8 @@ class ServerSettings:
     tls: TlsSettings | None = None
     client_limits: ClientLimitSettings = field(default_factory=ClientLimitSettings)
     safety_checker: str = ""  # a StableDiffusionSafetyChecker directory: every model's outputs are filtered
+    cache_interval: int = 1  # step caching for requests that leave it at 0 (1: off, exact)
+    cache_depth: int = 1
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -187,6 +189,8 @@ class DiffusionServer:
                 max_size=self.settings.max_size,
                 prompt_cache_size=self.settings.prompt_cache_size,
                 safety_checker=Path(self.settings.safety_checker) if self.settings.safety_checker else None,
+                default_cache_interval=self.settings.cache_interval,
+                default_cache_depth=self.settings.cache_depth,
             )
             if self.settings.warmup:
                 warm_up(model)

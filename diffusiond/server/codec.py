@@ -19,7 +19,7 @@ from diffusiond.pipeline.request import ImageFormat, PreviewKind
 from diffusiond.service.batcher import QueuedInfo
 from diffusiond.service.models import LoadedModel
 from diffusiond.service.outputs import EncodedImage, EncodedResult, StartedEvent, StepEvent
-from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id
+from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id, step_cache_depths
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 
@@ -77,6 +77,8 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         output_format=IMAGE_FORMATS[msg.output_format],
         quality=msg.quality,
         preview=PreviewParams(PREVIEW_KINDS[msg.preview.kind], msg.preview.every_n_steps, msg.preview.max_size),
+        cache_interval=msg.cache_interval,
+        cache_depth=msg.cache_depth,
     )
 
 
@@ -98,6 +100,8 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
             every_n_steps=params.preview.every_n_steps,
             max_size=params.preview.max_size,
         ),
+        cache_interval=params.cache_interval,
+        cache_depth=params.cache_depth,
     )
     if params.guidance_scale is not None:
         msg.guidance_scale = params.guidance_scale
@@ -202,4 +206,7 @@ def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
         latent_channels=model.config.latent_channels,
         latent_scaling_factor=model.config.scaling_factor,
         is_default=is_default,
+        step_cache_depths=step_cache_depths(model),
+        default_cache_interval=limits.default_cache_interval,
+        default_cache_depth=limits.default_cache_depth,
     )

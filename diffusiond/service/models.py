@@ -52,6 +52,8 @@ def load_model(
     max_size: int = 2048,
     prompt_cache_size: int = 256,
     safety_checker: Path | None = None,
+    default_cache_interval: int = 1,
+    default_cache_depth: int = 1,
 ) -> LoadedModel:
     """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
     from ``safety_checker`` when given; it runs on the backend's device, in PyTorch)."""
@@ -61,13 +63,18 @@ def load_model(
     prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
     safety = SafetyChecker.load(safety_checker, backend.device) if safety_checker is not None else None
     pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config, safety)
-    limits = ModelLimits.for_model(config, max_size=max_size)
+    limits = ModelLimits.for_model(
+        config, max_size=max_size, default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth
+    )
     log.info(
         "loaded model %s from %s on %s (%s, %s); native size %d, default scheduler %s",
         name, model_dir, backend.name, backend.device, backend.dtype_name,
         config.default_size, pipeline.schedulers.default_name,
     )
-    return LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
+    model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
+    if default_cache_interval > 1:  # the server's default must work for this model
+        resolve(GenerationParams(prompt="check", request_id="startup"), model)
+    return model
 
 
 def warm_up(model: LoadedModel) -> None:

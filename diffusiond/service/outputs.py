@@ -78,6 +78,7 @@ def png_parameters(request: GenerationRequest, seed: int) -> str:
     lines.append(
         f"Steps: {request.steps}, Sampler: {request.scheduler}, CFG scale: {request.guidance_scale:g}, "
         f"Seed: {seed}, Size: {request.width}x{request.height}, Model: {request.model}"
+        + (f", Step cache: every {request.cache_interval} at depth {request.cache_depth}" if request.caches_steps else "")
     )
     return "\n".join(lines)
 

@@ -61,7 +61,7 @@ class PreviewOptions(_message.Message):
     def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., every_n_steps: _Optional[int] = ..., max_size: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "cache_interval", "cache_depth")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,8 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -90,7 +92,9 @@ class GenerateRequest(_message.Message):
     output_format: ImageFormat
     quality: int
     preview: PreviewOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ...) -> None: ...
+    cache_interval: int
+    cache_depth: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed", "index", "filtered")
@@ -211,7 +215,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default")
+    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "step_cache_depths", "default_cache_interval", "default_cache_depth")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +235,9 @@ class ModelInfo(_message.Message):
     LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     LATENT_SCALING_FACTOR_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     source: str
@@ -250,7 +257,10 @@ class ModelInfo(_message.Message):
     latent_channels: int
     latent_scaling_factor: float
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    step_cache_depths: _containers.RepeatedScalarFieldContainer[int]
+    default_cache_interval: int
+    default_cache_depth: int
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
