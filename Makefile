@@ -30,7 +30,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
-# Batching on/off at concurrency 1, 4, 16 through real gRPC clients (results in BENCHMARKS.md).
+# Unbatched, static and continuous batching under open-loop Poisson arrivals through real gRPC
+# clients (15-20 min on 2 cores; ARGS=--quick for a smoke run; results in BENCHMARKS.md).
 bench-serving: install
 	$(PY) bench/serving.py $(ARGS)
 
