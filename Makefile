@@ -35,7 +35,8 @@ lint: install
 	$(VENV)/bin/ruff check diffusiond tests bench
 	$(VENV)/bin/lint-imports
 
-# Batching on/off at concurrency 1, 4, 16 through real gRPC clients (results in BENCHMARKS.md).
+# Unbatched, static and continuous batching under open-loop Poisson arrivals through real gRPC
+# clients (15-20 min on 2 cores; ARGS=--quick for a smoke run; results in BENCHMARKS.md).
 bench-serving: install
 	$(PY) bench/serving.py $(ARGS)
 
