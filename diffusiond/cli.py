@@ -271,6 +271,9 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=0, help="smallest image side in the profile (default: native/2)")
     parser.add_argument("--max-size", type=int, default=0, help="largest image side in the profile (default: native*2)")
     parser.add_argument("--no-verify", action="store_true", help="skip running each network against PyTorch")
+    parser.add_argument("--step-cache-depth", type=int, default=1,
+                        help="export the UNet's deep features at this depth and its shallow blocks as unet_shallow, "
+                        "for step caching on ONNX Runtime (0: neither)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     cal = parser.add_argument_group("int8 calibration (NVIDIA's recipe by default: 32 prompts, 20 steps)")
     cal.add_argument("--calibration-prompts", default="", metavar="FILE",
@@ -318,6 +321,7 @@ def export_options_from_args(args: argparse.Namespace):
         profile=profile,
         verify=not args.no_verify,
         force=args.force,
+        step_cache_depth=args.step_cache_depth,
         calibration=CalibrationSettings(
             prompts_file=Path(args.calibration_prompts) if args.calibration_prompts else None,
             max_prompts=args.calibration_max_prompts,

@@ -128,3 +128,26 @@ def test_step_caching_over_grpc(client):
     with pytest.raises(ClientError) as info:
         client.generate(PROMPT, steps=4, cache_interval=2, cache_depth=7)
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_onnx_runtime_caches_steps_like_torch(model, onnx_export):
+    from diffusiond.service.models import load_model
+
+    ort = load_model("builtin", onnx_export("fp32"), "onnxruntime", prompt_cache_size=0)
+    assert ort.backend.step_cache_depths() == (1,)
+    req = request(model, cache_interval=3)
+    on_ort = ort.pipeline.generate(req).images_uint8().astype(float)
+    on_torch = model.pipeline.generate(req).images_uint8().astype(float)
+    assert psnr(on_ort, on_torch) >= 45.0  # the fp32 parity bound the ONNX tests use
+
+
+def test_an_export_without_the_step_caching_pair_cannot_cache_steps(builtin_dir, tmp_path):
+    from diffusiond.export.onnx_export import ExportOptions, export_onnx
+    from diffusiond.service.models import load_model
+
+    out = export_onnx(builtin_dir, tmp_path / "plain", ExportOptions(step_cache_depth=0, verify=False)).directory
+    assert not (out / "unet_shallow").exists()
+    ort = load_model("plain", out, "onnxruntime", prompt_cache_size=0)
+    assert ort.backend.step_cache_depths() == ()
+    with pytest.raises(FailedPrecondition, match="cannot cache steps"):
+        resolve(GenerationParams(prompt="x", cache_interval=2), ort)
