@@ -382,3 +382,32 @@ def test_a_draining_server_answers_accepted_http_calls(builtin_dir):
     stopper.join(WAIT_S)
     assert replies and replies[0].status == 200, replies
     assert len(replies[0].json()["images"]) == 1
+
+
+def test_https_with_the_grpc_certificate_and_client_ca(builtin_dir, tmp_path):
+    import ssl
+
+    from tls_certs import CertificateAuthority
+
+    from diffusiond.server.tls import TlsSettings
+
+    ca = CertificateAuthority(tmp_path)
+    server_pem, client_pem = ca.issue("server", "localhost", server=True), ca.issue("client", "a client", server=False)
+    tls = TlsSettings(cert=str(server_pem.cert), key=str(server_pem.key), client_ca=str(ca.pem))
+    with running_server(settings(builtin_dir, tls=tls, warmup=False)) as thread:
+        port = thread.server.http_port
+
+        def get_models(with_certificate: bool) -> int:
+            context = ssl.create_default_context(cafile=str(ca.pem))
+            if with_certificate:
+                context.load_cert_chain(str(client_pem.cert), str(client_pem.key))
+            connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=WAIT_S)
+            try:
+                connection.request("GET", "/v1/models")
+                return connection.getresponse().status
+            finally:
+                connection.close()
+
+        assert get_models(with_certificate=True) == 200
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            get_models(with_certificate=False)

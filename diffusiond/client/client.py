@@ -35,10 +35,11 @@ DEFAULT_ATTEMPTS = 5  # gRPC caps a retry policy at 5 attempts
 
 def service_config(max_attempts: int = DEFAULT_ATTEMPTS, wait_for_ready: bool = False) -> str:
     """gRPC's retry policy for the Diffusion service: a call answered UNAVAILABLE (a server still loading its
-    models or draining, or one not reachable) is tried again with exponential backoff, up to ``max_attempts``
-    in all (about 7 seconds of waiting at most). The server answers UNAVAILABLE only before it accepts a request,
-    so a retry never runs one twice. ``wait_for_ready``: wait for a connection (within the call's timeout)
-    rather than failing at once when nothing listens yet."""
+    models or draining, one not reachable, or one that shut down before it finished the request) is tried
+    again with exponential backoff, up to ``max_attempts`` in all (about 7 seconds of waiting at most). Such a
+    request produced nothing, so trying it again is safe; a stream is retried only before its first event.
+    ``wait_for_ready``: wait for a connection (within the call's timeout) rather than failing at once when
+    nothing listens yet."""
     method: dict[str, Any] = {"name": [{"service": SERVICE}], "waitForReady": wait_for_ready}
     if max_attempts > 1:
         method["retryPolicy"] = {
