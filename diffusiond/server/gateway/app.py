@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from starlette.applications import Starlette
@@ -38,6 +38,7 @@ from diffusiond.server.gateway.guard import Guard
 from diffusiond.server.interceptor import CallInfo
 from diffusiond.server.status import http_status_for
 from diffusiond.service.generation import GenerationService, ProgressEvent
+from diffusiond.service.resolver import GenerationParams
 
 T = TypeVar("T")
 Handler = Callable[[Request, CallInfo], Awaitable[Response]]
@@ -238,7 +239,7 @@ class Gateway:
                 raise InvalidArgument("request", f"the body is longer than the {limit} bytes this server accepts")
         return bytes(body)
 
-    def _params(self, message: pb.GenerateRequest, request: Request, call: CallInfo) -> Any:
+    def _params(self, message: pb.GenerateRequest, request: Request, call: CallInfo) -> GenerationParams:
         call.request_id = "-"  # until the id is checked, so an invalid one is not echoed
         params = messages.params_of(message, request.headers.items(), call.client)
         call.request_id = params.request_id
