@@ -13,7 +13,10 @@ import os
 import signal
 import sys
 
+from diffusiond import __version__
 from diffusiond.client.cli import add_connection_arguments, add_generate_arguments, run_generate, run_models
+from diffusiond.client.progress import Progress
+from diffusiond.envflags import EnvironmentDefaults
 from diffusiond.server.logs import configure_logging
 
 log = logging.getLogger("diffusiond")
@@ -81,6 +84,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
     parser.add_argument("--metrics-host", default=None, help="address for --metrics-port (default: --host)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the HTTP gateway (OpenAI images API, JSON, Server-Sent Events) and the "
+                        "web page on this port, in this process (0: any free port; default: off)")
+    parser.add_argument("--http-host", default=None, help="address for --http-port (default: --host)")
     parser.add_argument("--compression", default="none", choices=["none", "gzip"],
                         help="compression of responses (requests may be gzip-compressed either way)")
     parser.add_argument("--max-send-message-mb", type=float, default=None,
@@ -117,6 +124,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
                           "images are sent black and marked")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line (time, level, logger, message, request_id), for log "
+                        "collectors")
 
 
 def backend_settings_from_args(args: argparse.Namespace):
@@ -167,6 +177,8 @@ def run_serve(args: argparse.Namespace) -> int:
             result_cache_bytes=int(args.result_cache_mb * MIB),
             metrics_host=args.metrics_host,
             metrics_port=args.metrics_port or None,
+            http_host=args.http_host,
+            http_port=args.http_port,
             compression=args.compression,
             max_send_message_bytes=None if args.max_send_message_mb is None else int(args.max_send_message_mb * MIB),
             max_receive_message_bytes=int(args.max_receive_message_mb * MIB),
@@ -382,6 +394,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = 
     parser.add_argument("--scheduler", default="", help="scheduler name (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch")
+    parser.add_argument("--cache-interval", type=int, default=1,
+                        help="step caching: the full UNet every N steps (1: off, exact)")
+    parser.add_argument("--cache-depth", type=int, default=1, help="up blocks a step-cached pass runs")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
     parser.add_argument("--clip-model", default="", metavar="DIR",
                         help="a local CLIP model directory: also report CLIP score")
@@ -404,20 +419,17 @@ def run_eval(args: argparse.Namespace) -> int:
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
         num_prompts=args.num_prompts, split=args.split, steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, clip_model=args.clip_model,
-        save_images=args.save_images,
+        save_images=args.save_images, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
     )
 
-    def progress(done: int, total: int) -> None:
-        sys.stderr.write(f"\r{done}/{total} prompts")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
+    bar = Progress("prompts")
     try:
-        report = evaluate(settings, progress=progress)
+        report = evaluate(settings, progress=bar.update)
     except DiffusiondError as exc:
         log.error("cannot evaluate: %s", exc)
         return 2
+    finally:
+        bar.close()
     sys.stdout.write(report.table() + "\n")
     if args.out:
         write_report(report, Path(args.out))
@@ -434,10 +446,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         backends = plugins()
     parser = argparse.ArgumentParser(prog="diffusiond", description="Text-to-image service over gRPC.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve = sub.add_parser("serve", help="run the gRPC server (and, with --http-port, the HTTP gateway)",
+                           description="Every flag can also be set from the DIFFUSIOND_* variable its help names; "
+                           "the command line wins.")
     add_serve_arguments(serve, backends)
-    serve.set_defaults(func=run_serve)
+    serve.set_defaults(func=run_serve, finish=EnvironmentDefaults(serve).finish)
     generate = sub.add_parser("generate", help="generate images through a running server")
     add_generate_arguments(generate)
     generate.set_defaults(func=run_generate)
@@ -474,12 +489,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# What each command needs beyond the client, and the extra that installs it.
+EXTRAS = {"serve": "server", "eval": "server", "create-model": "server", "onnx": "server,onnx",
+          "tensorrt": "tensorrt"}
+# Modules of those extras: an ImportError naming one means an extra is missing, not a bug.
+EXTRA_MODULES = {"torch", "diffusers", "transformers", "safetensors", "numpy", "scipy", "accelerate", "onnx",
+                 "onnxruntime", "tensorrt", "prometheus_client", "grpc_health", "grpc_reflection", "starlette",
+                 "uvicorn", "tqdm"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    level = getattr(args, "log_level", "WARNING")
-    configure_logging(level)
-    return int(args.func(args))
+    command = argv[0] if argv else None
+    try:
+        args = build_parser(command).parse_args(argv)
+        if hasattr(args, "finish"):
+            args.finish(args)
+        configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
+        return int(args.func(args))
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRA_MODULES:
+            raise
+        return _missing_extra(argv, exc.name or "")
+
+
+def _missing_extra(argv: list[str], module: str) -> int:
+    """One line naming what to install, instead of a traceback, on an installation without an extra."""
+    words = [a for a in argv if not a.startswith("-")]
+    command = " ".join(words[:2] if words[:1] == ["export"] else words[:1])
+    extra = EXTRAS.get(words[1] if words[:1] == ["export"] and len(words) > 1 else command, "server")
+    torch_first = " (install torch first, e.g. a CPU build: pip install torch)" if module == "torch" else ""
+    sys.stderr.write(
+        f"error: `diffusiond {command}` needs the '{extra}' extra, which this installation lacks (no module named "
+        f"{module!r}): pip install 'diffusiond[{extra}]'{torch_first}\n"
+    )
+    return 2
 
 
 if __name__ == "__main__":

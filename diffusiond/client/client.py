@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,27 @@ PREVIEWS = {
     "full": pb.PREVIEW_KIND_FULL,
 }
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVICE = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
+DEFAULT_ATTEMPTS = 5  # gRPC caps a retry policy at 5 attempts
+
+
+def service_config(max_attempts: int = DEFAULT_ATTEMPTS, wait_for_ready: bool = False) -> str:
+    """gRPC's retry policy for the Diffusion service: a call answered UNAVAILABLE (a server still loading its
+    models or draining, one not reachable, or one that shut down before it finished the request) is tried
+    again with exponential backoff, up to ``max_attempts`` in all (about 7 seconds of waiting at most). Such a
+    request produced nothing, so trying it again is safe; a stream is retried only before its first event.
+    ``wait_for_ready``: wait for a connection (within the call's timeout) rather than failing at once when
+    nothing listens yet."""
+    method: dict[str, Any] = {"name": [{"service": SERVICE}], "waitForReady": wait_for_ready}
+    if max_attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": min(max_attempts, DEFAULT_ATTEMPTS),
+            "initialBackoff": "0.5s",
+            "maxBackoff": "4s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method]})
 
 
 class ClientError(Exception):
@@ -155,11 +177,16 @@ def _open_channel(
     credentials: grpc.ChannelCredentials | None,
     compression: grpc.Compression | None,
     max_message_bytes: int,
+    max_attempts: int = DEFAULT_ATTEMPTS,
+    wait_for_ready: bool = False,
 ) -> Any:
-    """A channel from ``grpc`` or ``grpc.aio`` (same signatures), secure when credentials are given."""
+    """A channel from ``grpc`` or ``grpc.aio`` (same signatures), secure when credentials are given,
+    with the retry policy of ``service_config``."""
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config(max_attempts, wait_for_ready)),
     ]
     if credentials is not None:
         return api.secure_channel(address, credentials, options=options, compression=compression)
@@ -195,8 +222,13 @@ class DiffusionClient:
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: str | None = None,
+        max_attempts: int = DEFAULT_ATTEMPTS,
+        wait_for_ready: bool = False,
     ) -> None:
-        self._channel = _open_channel(grpc, address, credentials, compression, max_message_bytes)
+        """``max_attempts``: tries of a call answered UNAVAILABLE (1: no retries); ``wait_for_ready``: wait
+        for the server to listen instead of failing at once (see ``service_config``)."""
+        self._channel = _open_channel(grpc, address, credentials, compression, max_message_bytes, max_attempts,
+                                      wait_for_ready)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
         self.metadata = [*auth_metadata(token), *(metadata or [])]
@@ -265,8 +297,13 @@ class AsyncDiffusionClient:
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: str | None = None,
+        max_attempts: int = DEFAULT_ATTEMPTS,
+        wait_for_ready: bool = False,
     ) -> None:
-        self._channel = _open_channel(grpc.aio, address, credentials, compression, max_message_bytes)
+        """``max_attempts``: tries of a call answered UNAVAILABLE (1: no retries); ``wait_for_ready``: wait
+        for the server to listen instead of failing at once (see ``service_config``)."""
+        self._channel = _open_channel(grpc.aio, address, credentials, compression, max_message_bytes, max_attempts,
+                                      wait_for_ready)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
         self.metadata = [*auth_metadata(token), *(metadata or [])]
