@@ -37,6 +37,7 @@ each call marks a new step and its outputs are cloned. Untested here (no GPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -110,9 +111,10 @@ class TorchCompiledBackend(TorchEagerBackend):
     name = "torch-compiled"
 
     def __init__(self, model_dir: Path, settings: BackendSettings) -> None:
-        super().__init__(model_dir, settings)
-        self.options: TorchCompiledOptions = settings.options if settings.options is not None else TorchCompiledOptions()
-        opts = self.options
+        # The eager part gets its own defaults: these options are this backend's, not TorchEagerBackend's.
+        super().__init__(model_dir, dataclasses.replace(settings, options=None))
+        opts = settings.options if settings.options is not None else TorchCompiledOptions()
+        self.compile_options: TorchCompiledOptions = opts
         self.mode = opts.mode if opts.mode != "auto" else ("reduce-overhead" if self.device.type == "cuda" else "default")
         self.cuda_graphs = self.device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
         self.cache_dir = configure_cache(opts.cache_dir) if opts.compiler == "inductor" else None
@@ -128,7 +130,7 @@ class TorchCompiledBackend(TorchEagerBackend):
     def _prepare_modules(self) -> None:
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-        opts = self.options
+        opts = self.compile_options
         for module in (self._unet, self._vae):
             if opts.fuse_qkv:
                 module.fuse_qkv_projections()  # and sets FusedAttnProcessor2_0 (SDPA)
