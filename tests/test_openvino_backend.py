@@ -78,6 +78,31 @@ def test_throughput_hint_threads_and_streams_reach_openvino_and_split_the_rows(p
         model.backend.close()
 
 
+def test_a_unet_taking_one_timestep_per_call_still_gives_each_row_its_own(ov_model, onnx_export, builtin_dir, tmp_path):
+    """An export whose UNet takes a fixed [1] timestep (as some Optimum exports declare it), run with the
+    throughput hint: rows grouped by timestep, each group split across requests, put back in order."""
+    import onnx
+
+    out = shutil.copytree(onnx_export("fp32"), tmp_path / "m")
+    path = out / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    dims = next(i for i in model.graph.input if i.name == "timestep").type.tensor_type.shape.dim
+    del dims[:]
+    dims.add().dim_value = 1
+    onnx.save(model, str(path))
+    options = OpenVinoOptions(performance_hint="throughput", cache=False)
+    per_call = load_model("builtin", out, "openvino", BackendSettings(options=options)).backend
+    try:
+        assert per_call.graphs[UNET].inputs["timestep"].shape == (1,) and "timestep" not in per_call.graphs[UNET].batched
+        feeds = descriptors_for(builtin_dir)[UNET].sample_inputs(5, 64, 64)
+        sample, context = torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["encoder_hidden_states"])
+        t = torch.tensor([999.0, 10.0, 999.0, 500.0, 10.0])
+        expected = ov_model.backend.unet(sample, t, context)
+        assert (per_call.unet(sample, t, context) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    finally:
+        per_call.close()
+
+
 def test_split_rows_cuts_batched_inputs_only():
     feeds = {"sample": torch.zeros(5, 4, 8, 8), "timestep": torch.zeros(1)}
     parts = split_rows(feeds, {"sample"}, 2)
@@ -93,6 +118,8 @@ def test_expected_output_shapes_come_from_the_descriptors(builtin_dir):
     assert expected_output_shape(descriptors[UNET], "out_sample", unet) == (3, 4, 9, 8)
     assert expected_output_shape(descriptors[VAE_DECODER], "sample", {"latent_sample": torch.zeros(2, 4, 9, 8)}) == (2, 3, 72, 64)
     assert expected_output_shape(descriptors[UNET], "another_name", unet) is None
+    for one_per_call in (torch.zeros(1), torch.tensor(5.0)):  # the rows are the sample's
+        assert expected_output_shape(descriptors[UNET], "out_sample", {**unet, "timestep": one_per_call}) == (3, 4, 9, 8)
 
 
 # -- precision ------------------------------------------------------------------------------------

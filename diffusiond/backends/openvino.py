@@ -232,7 +232,8 @@ def _output(request, name: str) -> torch.Tensor:
 
 def expected_output_shape(descriptor: NetworkDescriptor, output: str, feeds: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
     """The shape ``output`` must have for ``feeds``, from the descriptor's symbols; None if it cannot tell
-    (an output name the descriptor does not list, a feed whose rank differs)."""
+    (an output name the descriptor does not list). A symbol takes its first input's size: a graph's
+    one-per-call timestep ([1] or a scalar) does not say how many rows the sample has."""
     spec = next((t for t in descriptor.outputs if t.name == output), None)
     if spec is None:
         return None
@@ -240,8 +241,10 @@ def expected_output_shape(descriptor: NetworkDescriptor, output: str, feeds: Map
     for t in descriptor.inputs:
         value = feeds.get(t.name)
         if value is None or value.dim() != len(t.dims):
-            return None
-        sizes.update({d: int(n) for d, n in zip(t.dims, value.shape) if isinstance(d, str)})
+            continue
+        for d, n in zip(t.dims, value.shape):
+            if isinstance(d, str):
+                sizes.setdefault(d, int(n))
     f = descriptor.dims.vae_scale_factor
     for pixels, latent in (("height", "latent_height"), ("width", "latent_width")):
         if latent in sizes:
