@@ -1,4 +1,4 @@
-"""``diffusiond``: serve | generate | models | create-model | export onnx | export tensorrt | eval.
+"""``diffusiond``: serve | generate | models | create-model | export onnx | openvino | tensorrt | eval.
 
 Client commands import only the client; ``serve`` imports the inference stack
 when it runs, so ``diffusiond generate`` works where only the client is installed.
@@ -272,10 +272,16 @@ def run_create_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+def add_export_onnx_arguments(parser: argparse.ArgumentParser, target: str = "onnx") -> None:
+    """``export onnx``'s flags; ``target="openvino"``: those ``export openvino`` shares (it exports ONNX on the
+    way), its precisions, and NNCF's settings in place of ONNX Runtime's quantization flags."""
+    openvino = target == "openvino"
     parser.add_argument("--model", required=True, help="diffusers-format source model directory (or 'builtin')")
-    parser.add_argument("--out", required=True, help="directory to write the ONNX export into")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--out", required=True,
+                        help=f"directory to write the {'OpenVINO IR' if openvino else 'ONNX'} export into")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"] if openvino else ["fp32", "fp16", "int8"],
+                        help="int8: the UNet quantized by NNCF, the rest fp32 (bf16 is chosen when serving)"
+                        if openvino else None)
     parser.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20)")
     parser.add_argument("--max-images", type=int, default=4,
@@ -297,6 +303,13 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--calibration-guidance", type=float, default=None,
                      help="guidance scale (default: the model's, 7.5 for SD)")
     cal.add_argument("--calibration-seed", type=int, default=0)
+    if openvino:
+        parser.add_argument("--onnx", default="", metavar="DIR",
+                            help="an fp32 ONNX export of --model to convert (default: export one on the way)")
+        nncf = parser.add_argument_group("int8 quantization (NNCF, transformer model type)")
+        nncf.add_argument("--nncf-preset", default="mixed", choices=["mixed", "performance"],
+                          help="mixed: asymmetric activations; performance: symmetric (default: %(default)s)")
+        return
     cal.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
     cal.add_argument("--calibration-percentile", type=float, default=99.999)
     q = parser.add_argument_group("int8 quantization (default: QDQ int8/int8 symmetric, per-channel: TensorRT's form)")
@@ -308,12 +321,8 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--int8-reduce-range", action="store_true", help="7-bit weights (u8s8 saturation on CPUs without VNNI)")
 
 
-def export_options_from_args(args: argparse.Namespace):
-    from pathlib import Path
-
-    from diffusiond.export.calibration import CalibrationSettings
-    from diffusiond.export.int8 import Int8Settings
-    from diffusiond.export.onnx_export import ExportOptions
+def export_profile_from_args(args: argparse.Namespace):
+    """The shape profile the export flags ask for; None: the export's default."""
     from diffusiond.models.descriptors import Range, ShapeProfile
 
     profile = None
@@ -327,24 +336,40 @@ def export_options_from_args(args: argparse.Namespace):
         hi = args.max_size or default.height.max
         size = Range(lo, min(max(native, lo), hi), hi)
         profile = ShapeProfile(images=Range(1, 1, args.max_images), height=size, width=size)
+    return profile
+
+
+def calibration_from_args(args: argparse.Namespace):
+    from pathlib import Path
+
+    from diffusiond.export.calibration import CalibrationSettings
+
+    ranges = {"method": args.calibration_method, "percentile": args.calibration_percentile} if hasattr(
+        args, "calibration_method") else {}
+    return CalibrationSettings(
+        prompts_file=Path(args.calibration_prompts) if args.calibration_prompts else None,
+        max_prompts=args.calibration_max_prompts,
+        steps=args.calibration_steps,
+        guidance_scale=args.calibration_guidance,
+        size=args.calibration_size,
+        scheduler=args.calibration_scheduler,
+        seed=args.calibration_seed,
+        **ranges,
+    )
+
+
+def export_options_from_args(args: argparse.Namespace):
+    from diffusiond.export.int8 import Int8Settings
+    from diffusiond.export.onnx_export import ExportOptions
+
     return ExportOptions(
         precision=args.precision,
         opset=args.opset,
-        profile=profile,
+        profile=export_profile_from_args(args),
         verify=not args.no_verify,
         force=args.force,
         step_cache_depth=args.step_cache_depth,
-        calibration=CalibrationSettings(
-            prompts_file=Path(args.calibration_prompts) if args.calibration_prompts else None,
-            max_prompts=args.calibration_max_prompts,
-            steps=args.calibration_steps,
-            guidance_scale=args.calibration_guidance,
-            size=args.calibration_size,
-            scheduler=args.calibration_scheduler,
-            seed=args.calibration_seed,
-            method=args.calibration_method,
-            percentile=args.calibration_percentile,
-        ),
+        calibration=calibration_from_args(args),
         int8=Int8Settings(
             quant_format=args.int8_format,
             activation_type=args.int8_activations,
@@ -371,6 +396,33 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     manifest = result.manifest
     state = "up to date, reused" if result.reused else "written"
     sys.stdout.write(f"{result.directory}: {state} ({manifest.precision}, source sha256 {manifest.source_sha256[:16]})\n")
+    for name, entry in manifest.components.items():
+        sys.stdout.write(f"  {name:13s} {entry.precision:5s} {entry.bytes / 1e6:10.1f} MB  {', '.join(entry.files)}\n")
+    return 0
+
+
+def run_export_openvino(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffusiond.errors import DiffusiondError
+    from diffusiond.export.openvino_export import NncfSettings, OpenVinoExportOptions, export_openvino
+    from diffusiond.models.sources import resolve_model_dir
+
+    try:
+        options = OpenVinoExportOptions(
+            precision=args.precision, opset=args.opset, profile=export_profile_from_args(args),
+            verify=not args.no_verify, force=args.force, calibration=calibration_from_args(args),
+            nncf=NncfSettings(preset=args.nncf_preset),
+        )
+        result = export_openvino(resolve_model_dir(args.model), Path(args.out), options,
+                                 onnx_dir=Path(args.onnx) if args.onnx else None)
+    except DiffusiondError as exc:
+        log.error("export failed: %s", exc)
+        return 2
+    manifest = result.manifest
+    state = "up to date, reused" if result.reused else "written"
+    sys.stdout.write(f"{result.directory}: {state} (OpenVINO IR, {manifest.precision}, "
+                     f"source sha256 {manifest.source_sha256[:16]})\n")
     for name, entry in manifest.components.items():
         sys.stdout.write(f"  {name:13s} {entry.precision:5s} {entry.bytes / 1e6:10.1f} MB  {', '.join(entry.files)}\n")
     return 0
@@ -474,6 +526,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     add_export_onnx_arguments(export_onnx)
     export_onnx.set_defaults(func=run_export_onnx)
+    export_ov = targets.add_parser(
+        "openvino", help="export to OpenVINO IR for `--backend openvino` (fp32, or an NNCF INT8 UNet)"
+    )
+    add_export_onnx_arguments(export_ov, target="openvino")
+    export_ov.set_defaults(func=run_export_openvino)
     from diffusiond.export import tensorrt_cli
 
     export_trt = targets.add_parser(

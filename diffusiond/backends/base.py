@@ -123,8 +123,9 @@ class CrossAttentionKV:
 class CachesCrossAttention(Protocol):
     """A backend whose ``unet`` takes a ``CrossAttentionKV`` in place of the encoding (PyTorch UNets)."""
 
-    def cross_attention_kv(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionKV:
-        """[B, T, D] float32 encoding -> its per-layer keys and values, computed once."""
+    def cross_attention_kv(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionKV | None:
+        """[B, T, D] float32 encoding -> its per-layer keys and values, computed once (None: this
+        backend's layers cannot take them, e.g. after fusing their projections)."""
         ...
 
 

@@ -87,7 +87,9 @@ class TorchEagerBackend:
 
     @torch.inference_mode()
     @translate_out_of_memory("text_encoder")
-    def cross_attention_kv(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionKV:
+    def cross_attention_kv(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionKV | None:
+        if not self._kv_layers:
+            return None
         return torch_attention.precompute(self._kv_layers, encoder_hidden_states.to(self._device, self._dtype))
 
     def _context(self, encoder_hidden_states: torch.Tensor | CrossAttentionKV) -> tuple[torch.Tensor, dict | None]:
