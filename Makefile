@@ -1,4 +1,4 @@
-# diffusiond: make serve | demo | test | lint | proto | bench-serving | bench-onnx | bench-hires | eval | train-builtin
+# diffusiond: make serve | demo | test | lint | proto | node | lint-deploy | proto-breaking | bench-serving | bench-onnx | bench-hires | eval | train-builtin
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
+NODE_DIR := clients/node
 
-.PHONY: install serve demo test lint proto bench-serving bench-onnx bench-hires eval train-builtin clean
+.PHONY: install serve demo test lint proto node lint-proto lint-deploy proto-breaking bench-serving bench-onnx bench-hires eval train-builtin clean
 
 install: $(STAMP)
 
@@ -35,7 +36,28 @@ lint: install
 	$(VENV)/bin/ruff check diffusiond tests bench
 	$(VENV)/bin/lint-imports
 
-# Batching on/off at concurrency 1, 4, 16 through real gRPC clients (results in BENCHMARKS.md).
+# The Node client's packages (pinned by package-lock.json), buf among them; its tests run in `make test`.
+node: $(NODE_DIR)/node_modules/.package-lock.json
+
+$(NODE_DIR)/node_modules/.package-lock.json: $(NODE_DIR)/package-lock.json $(NODE_DIR)/package.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
+lint-proto: node
+	cd protos && ../$(NODE_DIR)/node_modules/.bin/buf lint
+
+# Wire and JSON compatibility of the .proto files with the previous commit (AGAINST=main, a tag...).
+AGAINST ?= HEAD~1
+proto-breaking: node
+	cd protos && ../$(NODE_DIR)/node_modules/.bin/buf breaking --against '../.git#ref=$(AGAINST),subdir=protos'
+
+# hadolint on the Dockerfiles and kubernetes-validate on the manifests, offline (also in `make test`).
+lint-deploy: install
+	$(VENV)/bin/hadolint deploy/Dockerfile.cpu deploy/Dockerfile.cuda
+	$(VENV)/bin/kubernetes-validate --strict -k 1.30.0 $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
+
+# Unbatched, static and continuous batching under open-loop Poisson arrivals through real gRPC
+# clients (15-20 min on 2 cores; ARGS=--quick for a smoke run; results in BENCHMARKS.md).
 bench-serving: install
 	$(PY) bench/serving.py $(ARGS)
 
@@ -59,4 +81,4 @@ train-builtin: install
 	$(PY) -m diffusiond.training.train --work runs/builtin --out diffusiond/models/builtin_weights $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info $(NODE_DIR)/node_modules $(NODE_DIR)/dist

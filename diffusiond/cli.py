@@ -1,4 +1,4 @@
-"""``diffusiond``: serve | generate | models | create-model | export onnx | export tensorrt | eval.
+"""``diffusiond``: serve | generate | models | create-model | export onnx | openvino | tensorrt | eval.
 
 Client commands import only the client; ``serve`` imports the inference stack
 when it runs, so ``diffusiond generate`` works where only the client is installed.
@@ -13,7 +13,10 @@ import os
 import signal
 import sys
 
+from diffusiond import __version__
 from diffusiond.client.cli import add_connection_arguments, add_generate_arguments, run_generate, run_models
+from diffusiond.client.progress import Progress
+from diffusiond.envflags import EnvironmentDefaults
 from diffusiond.server.logs import configure_logging
 
 log = logging.getLogger("diffusiond")
@@ -67,6 +70,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
     parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
                         help="how long the oldest queued request waits for company when nothing is running")
     parser.add_argument("--max-size", type=int, default=2048, help="largest width/height accepted, in pixels")
+    parser.add_argument("--cache-interval", type=int, default=1,
+                        help="step caching for requests that do not choose: the full UNet every N steps, its "
+                        "shallow blocks in between (faster, approximate; 1: off, exact)")
+    parser.add_argument("--cache-depth", type=int, default=1,
+                        help="up blocks a step-cached shallow pass runs (1: fastest)")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds accepted requests get to finish on shutdown")
     parser.add_argument("--prompt-cache-size", type=int, default=256,
@@ -76,6 +84,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
     parser.add_argument("--metrics-host", default=None, help="address for --metrics-port (default: --host)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the HTTP gateway (OpenAI images API, JSON, Server-Sent Events) and the "
+                        "web page on this port, in this process (0: any free port; default: off)")
+    parser.add_argument("--http-host", default=None, help="address for --http-port (default: --host)")
     parser.add_argument("--compression", default="none", choices=["none", "gzip"],
                         help="compression of responses (requests may be gzip-compressed either way)")
     parser.add_argument("--max-send-message-mb", type=float, default=None,
@@ -112,8 +124,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
                           help="generation calls per second one client may start, on average (0: no limit)")
     security.add_argument("--per-client-burst", type=int, default=0,
                           help="calls a client may start at once within its rate (default: the rate, at least 1)")
+    security.add_argument("--safety-checker", default="", metavar="DIR",
+                          help="filter every image with diffusers' StableDiffusionSafetyChecker from DIR (a checker "
+                          "directory, or a model directory with safety_checker/ and feature_extractor/): flagged "
+                          "images are sent black and marked")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line (time, level, logger, message, request_id), for log "
+                        "collectors")
 
 
 def backend_settings_from_args(args: argparse.Namespace):
@@ -164,6 +183,8 @@ def run_serve(args: argparse.Namespace) -> int:
             result_cache_bytes=int(args.result_cache_mb * MIB),
             metrics_host=args.metrics_host,
             metrics_port=args.metrics_port or None,
+            http_host=args.http_host,
+            http_port=args.http_port,
             compression=args.compression,
             max_send_message_bytes=None if args.max_send_message_mb is None else int(args.max_send_message_mb * MIB),
             max_receive_message_bytes=(
@@ -178,6 +199,9 @@ def run_serve(args: argparse.Namespace) -> int:
             client_limits=ClientLimitSettings(
                 max_inflight=args.per_client_max_inflight, rate=args.per_client_rate, burst=args.per_client_burst
             ),
+            safety_checker=args.safety_checker,
+            cache_interval=args.cache_interval,
+            cache_depth=args.cache_depth,
         )
     except (ValueError, DiffusiondError) as exc:  # a flag out of range
         log.error("cannot serve: %s", exc)
@@ -258,10 +282,16 @@ def run_create_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+def add_export_onnx_arguments(parser: argparse.ArgumentParser, target: str = "onnx") -> None:
+    """``export onnx``'s flags; ``target="openvino"``: those ``export openvino`` shares (it exports ONNX on the
+    way), its precisions, and NNCF's settings in place of ONNX Runtime's quantization flags."""
+    openvino = target == "openvino"
     parser.add_argument("--model", required=True, help="diffusers-format source model directory (or 'builtin')")
-    parser.add_argument("--out", required=True, help="directory to write the ONNX export into")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--out", required=True,
+                        help=f"directory to write the {'OpenVINO IR' if openvino else 'ONNX'} export into")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"] if openvino else ["fp32", "fp16", "int8"],
+                        help="int8: the UNet quantized by NNCF, the rest fp32 (bf16 is chosen when serving)"
+                        if openvino else None)
     parser.add_argument("--force", action="store_true", help="rebuild even when the export is up to date")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20)")
     parser.add_argument("--max-images", type=int, default=4,
@@ -269,6 +299,9 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=0, help="smallest image side in the profile (default: native/2)")
     parser.add_argument("--max-size", type=int, default=0, help="largest image side in the profile (default: native*2)")
     parser.add_argument("--no-verify", action="store_true", help="skip running each network against PyTorch")
+    parser.add_argument("--step-cache-depth", type=int, default=1,
+                        help="export the UNet's deep features at this depth and its shallow blocks as unet_shallow, "
+                        "for step caching on ONNX Runtime (0: neither)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     cal = parser.add_argument_group("int8 calibration (NVIDIA's recipe by default: 32 prompts, 20 steps)")
     cal.add_argument("--calibration-prompts", default="", metavar="FILE",
@@ -280,6 +313,13 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--calibration-guidance", type=float, default=None,
                      help="guidance scale (default: the model's, 7.5 for SD)")
     cal.add_argument("--calibration-seed", type=int, default=0)
+    if openvino:
+        parser.add_argument("--onnx", default="", metavar="DIR",
+                            help="an fp32 ONNX export of --model to convert (default: export one on the way)")
+        nncf = parser.add_argument_group("int8 quantization (NNCF, transformer model type)")
+        nncf.add_argument("--nncf-preset", default="mixed", choices=["mixed", "performance"],
+                          help="mixed: asymmetric activations; performance: symmetric (default: %(default)s)")
+        return
     cal.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
     cal.add_argument("--calibration-percentile", type=float, default=99.999)
     q = parser.add_argument_group("int8 quantization (default: QDQ int8/int8 symmetric, per-channel: TensorRT's form)")
@@ -291,12 +331,8 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--int8-reduce-range", action="store_true", help="7-bit weights (u8s8 saturation on CPUs without VNNI)")
 
 
-def export_options_from_args(args: argparse.Namespace):
-    from pathlib import Path
-
-    from diffusiond.export.calibration import CalibrationSettings
-    from diffusiond.export.int8 import Int8Settings
-    from diffusiond.export.onnx_export import ExportOptions
+def export_profile_from_args(args: argparse.Namespace):
+    """The shape profile the export flags ask for; None: the export's default."""
     from diffusiond.models.descriptors import Range, ShapeProfile
 
     profile = None
@@ -310,23 +346,40 @@ def export_options_from_args(args: argparse.Namespace):
         hi = args.max_size or default.height.max
         size = Range(lo, min(max(native, lo), hi), hi)
         profile = ShapeProfile(images=Range(1, 1, args.max_images), height=size, width=size)
+    return profile
+
+
+def calibration_from_args(args: argparse.Namespace):
+    from pathlib import Path
+
+    from diffusiond.export.calibration import CalibrationSettings
+
+    ranges = {"method": args.calibration_method, "percentile": args.calibration_percentile} if hasattr(
+        args, "calibration_method") else {}
+    return CalibrationSettings(
+        prompts_file=Path(args.calibration_prompts) if args.calibration_prompts else None,
+        max_prompts=args.calibration_max_prompts,
+        steps=args.calibration_steps,
+        guidance_scale=args.calibration_guidance,
+        size=args.calibration_size,
+        scheduler=args.calibration_scheduler,
+        seed=args.calibration_seed,
+        **ranges,
+    )
+
+
+def export_options_from_args(args: argparse.Namespace):
+    from diffusiond.export.int8 import Int8Settings
+    from diffusiond.export.onnx_export import ExportOptions
+
     return ExportOptions(
         precision=args.precision,
         opset=args.opset,
-        profile=profile,
+        profile=export_profile_from_args(args),
         verify=not args.no_verify,
         force=args.force,
-        calibration=CalibrationSettings(
-            prompts_file=Path(args.calibration_prompts) if args.calibration_prompts else None,
-            max_prompts=args.calibration_max_prompts,
-            steps=args.calibration_steps,
-            guidance_scale=args.calibration_guidance,
-            size=args.calibration_size,
-            scheduler=args.calibration_scheduler,
-            seed=args.calibration_seed,
-            method=args.calibration_method,
-            percentile=args.calibration_percentile,
-        ),
+        step_cache_depth=args.step_cache_depth,
+        calibration=calibration_from_args(args),
         int8=Int8Settings(
             quant_format=args.int8_format,
             activation_type=args.int8_activations,
@@ -358,6 +411,33 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export_openvino(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffusiond.errors import DiffusiondError
+    from diffusiond.export.openvino_export import NncfSettings, OpenVinoExportOptions, export_openvino
+    from diffusiond.models.sources import resolve_model_dir
+
+    try:
+        options = OpenVinoExportOptions(
+            precision=args.precision, opset=args.opset, profile=export_profile_from_args(args),
+            verify=not args.no_verify, force=args.force, calibration=calibration_from_args(args),
+            nncf=NncfSettings(preset=args.nncf_preset),
+        )
+        result = export_openvino(resolve_model_dir(args.model), Path(args.out), options,
+                                 onnx_dir=Path(args.onnx) if args.onnx else None)
+    except DiffusiondError as exc:
+        log.error("export failed: %s", exc)
+        return 2
+    manifest = result.manifest
+    state = "up to date, reused" if result.reused else "written"
+    sys.stdout.write(f"{result.directory}: {state} (OpenVINO IR, {manifest.precision}, "
+                     f"source sha256 {manifest.source_sha256[:16]})\n")
+    for name, entry in manifest.components.items():
+        sys.stdout.write(f"  {name:13s} {entry.precision:5s} {entry.bytes / 1e6:10.1f} MB  {', '.join(entry.files)}\n")
+    return 0
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = None) -> None:
     # Defaults are EvalSettings'; it is not imported here, so client commands never load torch.
     parser.add_argument("--model", default="builtin", metavar="[NAME=]PATH",
@@ -376,6 +456,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = 
     parser.add_argument("--scheduler", default="", help="scheduler name (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch")
+    parser.add_argument("--cache-interval", type=int, default=1,
+                        help="step caching: the full UNet every N steps (1: off, exact)")
+    parser.add_argument("--cache-depth", type=int, default=1, help="up blocks a step-cached pass runs")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
     parser.add_argument("--clip-model", default="", metavar="DIR",
                         help="a local CLIP model directory: also report CLIP score")
@@ -398,20 +481,17 @@ def run_eval(args: argparse.Namespace) -> int:
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype, precision=args.precision,
         num_prompts=args.num_prompts, split=args.split, steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, clip_model=args.clip_model,
-        save_images=args.save_images,
+        save_images=args.save_images, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
     )
 
-    def progress(done: int, total: int) -> None:
-        sys.stderr.write(f"\r{done}/{total} prompts")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
+    bar = Progress("prompts")
     try:
-        report = evaluate(settings, progress=progress)
+        report = evaluate(settings, progress=bar.update)
     except DiffusiondError as exc:
         log.error("cannot evaluate: %s", exc)
         return 2
+    finally:
+        bar.close()
     sys.stdout.write(report.table() + "\n")
     if args.out:
         write_report(report, Path(args.out))
@@ -428,10 +508,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         backends = plugins()
     parser = argparse.ArgumentParser(prog="diffusiond", description="Text-to-image service over gRPC.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve = sub.add_parser("serve", help="run the gRPC server (and, with --http-port, the HTTP gateway)",
+                           description="Every flag can also be set from the DIFFUSIOND_* variable its help names; "
+                           "the command line wins.")
     add_serve_arguments(serve, backends)
-    serve.set_defaults(func=run_serve)
+    serve.set_defaults(func=run_serve, finish=EnvironmentDefaults(serve).finish)
     generate = sub.add_parser("generate", help="generate images through a running server")
     add_generate_arguments(generate)
     generate.set_defaults(func=run_generate)
@@ -453,6 +536,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     add_export_onnx_arguments(export_onnx)
     export_onnx.set_defaults(func=run_export_onnx)
+    export_ov = targets.add_parser(
+        "openvino", help="export to OpenVINO IR for `--backend openvino` (fp32, or an NNCF INT8 UNet)"
+    )
+    add_export_onnx_arguments(export_ov, target="openvino")
+    export_ov.set_defaults(func=run_export_openvino)
     from diffusiond.export import tensorrt_cli
 
     export_trt = targets.add_parser(
@@ -468,12 +556,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# What each command needs beyond the client, and the extra that installs it.
+EXTRAS = {"serve": "server", "eval": "server", "create-model": "server", "onnx": "server,onnx",
+          "tensorrt": "tensorrt"}
+# Modules of those extras: an ImportError naming one means an extra is missing, not a bug.
+EXTRA_MODULES = {"torch", "diffusers", "transformers", "safetensors", "numpy", "scipy", "accelerate", "onnx",
+                 "onnxruntime", "tensorrt", "prometheus_client", "grpc_health", "grpc_reflection", "starlette",
+                 "uvicorn", "tqdm"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    level = getattr(args, "log_level", "WARNING")
-    configure_logging(level)
-    return int(args.func(args))
+    command = argv[0] if argv else None
+    try:
+        args = build_parser(command).parse_args(argv)
+        if hasattr(args, "finish"):
+            args.finish(args)
+        configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
+        return int(args.func(args))
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRA_MODULES:
+            raise
+        return _missing_extra(argv, exc.name or "")
+
+
+def _missing_extra(argv: list[str], module: str) -> int:
+    """One line naming what to install, instead of a traceback, on an installation without an extra."""
+    words = [a for a in argv if not a.startswith("-")]
+    command = " ".join(words[:2] if words[:1] == ["export"] else words[:1])
+    extra = EXTRAS.get(words[1] if words[:1] == ["export"] and len(words) > 1 else command, "server")
+    torch_first = " (install torch first, e.g. a CPU build: pip install torch)" if module == "torch" else ""
+    sys.stderr.write(
+        f"error: `diffusiond {command}` needs the '{extra}' extra, which this installation lacks (no module named "
+        f"{module!r}): pip install 'diffusiond[{extra}]'{torch_first}\n"
+    )
+    return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -156,3 +157,33 @@ def onnx_export(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             return made[precision]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def openvino_export(builtin_dir: Path, onnx_export, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``openvino_export("fp32" | "int8")`` -> the built-in model as OpenVINO IR (int8: an NNCF UNet calibrated like
+    the ONNX INT8 export). Minutes with int8: for slow tests. Depends on ``onnx_export``, which points the
+    diffusiond cache at this session's own folder."""
+    from diffusiond.export.calibration import CalibrationSettings
+    from diffusiond.export.openvino_export import OpenVinoExportOptions, export_openvino
+
+    root = tmp_path_factory.mktemp("openvino")
+    made: dict[str, Path] = {}
+    lock = threading.Lock()
+
+    def get(precision: str) -> Path:
+        with lock:
+            if precision not in made:
+                options = OpenVinoExportOptions(precision=precision, calibration=CalibrationSettings(**TEST_CALIBRATION))
+                made[precision] = export_openvino(builtin_dir, root / precision, options).directory
+            return made[precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def raw_channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    """A channel that sends bytes as they are (no protobuf serialisation): for corrupt-input tests."""
+    channel = grpc.insecure_channel(server.address)
+    yield channel
+    channel.close()

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from diffusiond.backends import cpu_features
 from diffusiond.backends.base import BackendSettings, translate_out_of_memory
 from diffusiond.backends.registry import create_backend, plugins, warm_up
 from diffusiond.errors import OutOfMemory
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
 NETWORKS = ("text_encoder", "unet", "vae_decode", "vae_encode")
 
 
@@ -38,17 +40,32 @@ class Case:
     # The same measure between a row run with others and alone, or in another row order.
     rows: float
     settings: BackendSettings = field(default_factory=BackendSettings)
+    # What it serves, where the backend takes more than one kind: "onnx" (an ONNX export of ``precision``),
+    # "openvino" (an OpenVINO IR export of ``precision``); empty: the backend's one kind.
+    artifact: str = ""
+    slow: bool = False  # long to set up (a real compile, a calibration): only with -m slow
 
 
 # Measured on the built-in model (CPU, ONNX Runtime 1.32, torch 2.13), bounds about 10x above:
 # fp32 at most 7e-6 (any network); fp16 5e-4 (text encoder and UNet; the VAE stays fp32 by
 # force_upcast); int8 1.9e-2 (UNet; the rest is fp32); rows alone or permuted: 0 on ONNX Runtime,
 # 2e-6 on torch. The int8 row bound leaves room for a rounding flip across a quantization step.
+# OpenVINO 2026.4 (Sapphire Rapids): fp32 8e-6; bf16 9e-3 (text encoder), 7e-3 (UNet), 0.10 (VAE
+# decoder: eager PyTorch bf16 measures 0.094 on the same input, a bf16 matter, not OpenVINO's), 7e-3
+# (VAE encoder); INT8 UNet 2.0e-2 (NNCF), 2e-2 (the ONNX QDQ export); rows alone or permuted: 0.
+# torch.compile (Inductor, fused QKV, channels_last): 1.1e-6.
 CASES = [
     Case("torch-fp32", "torch", "fp32", tolerances(1e-4), rows=1e-4),
+    Case("torch-compiled-fp32", "torch-compiled", "fp32", tolerances(1e-4), rows=1e-4, slow=True),
     Case("onnxruntime-fp32", "onnxruntime", "fp32", tolerances(1e-4), rows=1e-4),
     Case("onnxruntime-fp16", "onnxruntime", "fp16", tolerances(1e-4, text_encoder=5e-3, unet=5e-3), rows=1e-3),
     Case("onnxruntime-int8", "onnxruntime", "int8", tolerances(1e-4, unet=0.1), rows=2e-2),
+    Case("openvino-fp32", "openvino", "fp32", tolerances(1e-4), rows=1e-4, artifact="onnx"),
+    Case("openvino-bf16", "openvino", "bf16", tolerances(5e-2, vae_decode=0.3), rows=1e-2, artifact="onnx",
+         settings=BackendSettings(dtype="bf16")),
+    Case("openvino-int8-onnx", "openvino", "int8", tolerances(1e-4, unet=0.1), rows=2e-2, artifact="onnx"),
+    Case("openvino-int8-nncf", "openvino", "int8", tolerances(1e-4, unet=0.1), rows=2e-2, artifact="openvino",
+         slow=True),
     # Not measured here (no GPU): fp16 engines, whose fp32 layers may use TF32.
     Case("tensorrt-fp16", "tensorrt", "fp16", tolerances(1e-2), rows=1e-2, settings=BackendSettings(device="cuda")),
 ]
@@ -83,6 +100,12 @@ def parametrize_cases(fn):
         marks = []
         if case.backend == "tensorrt" and not HAVE_TENSORRT:
             marks.append(pytest.mark.skip(reason="TensorRT and a CUDA GPU are not available"))
+        if case.backend == "openvino" and not HAVE_OPENVINO:
+            marks.append(pytest.mark.skip(reason="OpenVINO is not installed (pip install 'diffusiond[openvino]')"))
+        if case.settings.dtype == "bf16" and not cpu_features.has_native_bf16():
+            marks.append(pytest.mark.skip(reason=f"this CPU has no native bf16 ({cpu_features.describe()})"))
+        if case.slow:
+            marks.append(pytest.mark.slow)
         params.append(pytest.param(case, case, id=case.id, marks=marks))
     return pytest.mark.parametrize("case, backend", params, indirect=["backend"])(fn)
 
@@ -114,15 +137,17 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def backends(builtin_dir, onnx_export, tmp_path_factory):
+def backends(builtin_dir, onnx_export, openvino_export, tmp_path_factory):
     made = {}
 
     def get(case: Case):
         if case.id not in made:
-            if case.backend == "torch":
+            if case.backend in ("torch", "torch-compiled"):
                 model_dir = builtin_dir
-            elif case.backend == "onnxruntime":
-                model_dir = onnx_export(case.precision)
+            elif case.backend == "onnxruntime" or case.artifact == "onnx":
+                model_dir = onnx_export("fp32" if case.precision == "bf16" else case.precision)
+            elif case.artifact == "openvino":
+                model_dir = openvino_export(case.precision)
             else:
                 from diffusiond.export.tensorrt_build import (
                     EngineBuildOptions,
@@ -220,11 +245,25 @@ def test_parity_with_eager_fp32(case, backend, inputs, eager_outputs):
 
 def inject_unet_out_of_memory(backend, monkeypatch) -> None:
     """Make the UNet fail the way the backend's runtime does when memory runs out."""
-    if backend.name == "torch":
+    if backend.name in ("torch", "torch-compiled"):
         def forward(*args, **kwargs):
             raise torch.OutOfMemoryError(TORCH_CUDA_OOM)
 
         monkeypatch.setattr(backend._unet, "forward", forward)
+    elif backend.name == "openvino":
+        graph = backend.graphs["unet"]
+
+        class FailedAllocation:  # what OpenVINO 2026.4 does when it cannot allocate: no error, no new output
+            def __init__(self, fresh) -> None:
+                self.fresh = fresh
+
+            def infer(self, *args, **kwargs) -> None:
+                pass
+
+            def get_tensor(self, name):
+                return self.fresh.get_tensor(name)  # never run: empty, as after a failed first allocation
+
+        monkeypatch.setattr(graph, "requests", [FailedAllocation(graph.compiled.create_infer_request())])
     elif backend.name == "onnxruntime":
         from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
@@ -273,6 +312,11 @@ def test_the_plugins_warm_up_runs_each_network_at_the_optimal_shapes(case, backe
     warm_up(backend)
     if plugins()[case.backend].warm_up is None:  # none of its own: the server's first generation is it
         assert rows == []
+        return
+    if case.backend == "torch-compiled":  # it compiles two row counts (see its warm_up_rows)
+        profile = backend.profile
+        latent = (profile.height.opt // 8, profile.width.opt // 8)
+        assert rows == [(2 * profile.images.opt, 4, *latent), (2 * profile.images.max, 4, *latent)]
         return
     profile = backend.artifact.profile
     latent = (profile.height.opt // 8, profile.width.opt // 8)

@@ -83,7 +83,7 @@ def serve_help(capsys) -> str:
 
 def test_the_built_in_backends_are_found_in_their_files():
     found = plugins()
-    assert {"torch", "onnxruntime", "tensorrt"} <= set(found)
+    assert {"torch", "torch-compiled", "onnxruntime", "openvino", "tensorrt"} <= set(found)
     assert found["onnxruntime"].options_type is OnnxRuntimeOptions
     assert "echo" not in found
 
@@ -113,8 +113,8 @@ def test_create_backend_builds_it_with_its_options_from_the_flags(echo, tmp_path
 
 
 def test_an_unknown_backend_names_the_available_ones(tmp_path):
-    with pytest.raises(NotFound, match="backend 'openvino' is not available; choose one of: .*onnxruntime.*torch"):
-        create_backend("openvino", tmp_path, BackendSettings())
+    with pytest.raises(NotFound, match="backend 'directml' is not available; choose one of: .*onnxruntime.*torch"):
+        create_backend("directml", tmp_path, BackendSettings())
 
 
 def test_a_plugin_whose_flags_clash_is_not_offered(capsys, caplog):
@@ -148,6 +148,6 @@ def test_a_new_file_in_the_package_is_a_backend_and_a_broken_one_is_skipped(tmp_
         for name in ("zz_echo", "zz_broken"):
             sys.modules.pop(f"diffusiond.backends.{name}", None)
     assert found["zz-echo"].description == "found by looking"
-    assert {"torch", "onnxruntime", "tensorrt"} <= set(found)
+    assert {"torch", "torch-compiled", "onnxruntime", "openvino", "tensorrt"} <= set(found)
     assert "diffusiond.backends.zz_broken could not be imported" in caplog.text
     assert "a_runtime_that_is_not_installed" in caplog.text

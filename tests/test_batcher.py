@@ -235,6 +235,9 @@ class RecordingMetrics:
     def out_of_memory(self, model: str, what: str, rows: int) -> None:
         self.out_of_memory_calls.append((what, rows))
 
+    def images_filtered(self, model: str, images: int) -> None:
+        pass
+
 
 def test_a_request_that_does_not_fit_fails_alone_and_the_rest_go_on():
     async def main():

@@ -56,8 +56,8 @@ def test_cancelled_stream_stops_within_one_step(client, server, counting, hold):
                 stream.cancel()
     assert info.value.code is grpc.StatusCode.CANCELLED
     assert server.server.batcher.wait_idle(WAIT_S)
-    # Steps 1..3 ran, step 4 was in flight when the cancel arrived, nothing after it.
-    assert state.calls_since(counting) == CANCEL_AT_STEP + 1
+    # Steps 1..3 ran; step 4 ran only if it had started before the cancel landed; nothing after it.
+    assert CANCEL_AT_STEP <= state.calls_since(counting) <= CANCEL_AT_STEP + 1
     assert client.generate("a fox", seed=1, steps=2).images  # the next request is served normally
 
 

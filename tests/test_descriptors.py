@@ -10,6 +10,7 @@ import pytest
 from diffusiond.errors import InvalidArgument
 from diffusiond.models.descriptors import (
     COMPONENTS,
+    UNET_SHALLOW,
     Range,
     SDDims,
     ShapeProfile,
@@ -20,18 +21,31 @@ from diffusiond.models.descriptors import (
 SD15 = SDDims(
     latent_channels=4, unet_in_channels=4, unet_out_channels=4, vae_scale_factor=8,
     text_max_length=77, text_hidden_size=768, vocab_size=49408, num_train_timesteps=1000,
+    deep_channels=(640, 1280, 1280),
 )
 
 
 def test_names_follow_optimums_layout():
     d = sd_descriptors(SD15)
-    assert tuple(d) == COMPONENTS
+    assert tuple(d) == tuple(c for c in COMPONENTS if c != UNET_SHALLOW)  # no step caching asked for
     assert d["text_encoder"].input_names == ["input_ids"]
     assert d["text_encoder"].output_names == ["last_hidden_state", "pooler_output"]
     assert d["unet"].input_names == ["sample", "timestep", "encoder_hidden_states"]
     assert d["unet"].output_names == ["out_sample"]
     assert (d["vae_decoder"].input_names, d["vae_decoder"].output_names) == (["latent_sample"], ["sample"])
     assert (d["vae_encoder"].input_names, d["vae_encoder"].output_names) == (["sample"], ["latent_parameters"])
+
+
+def test_step_caching_adds_the_deep_features_and_the_shallow_unet():
+    d = sd_descriptors(SD15, step_cache_depth=2)
+    assert d["unet"].output_names == ["out_sample", "deep_features"]
+    assert d[UNET_SHALLOW].input_names == ["sample", "timestep", "encoder_hidden_states", "deep_features"]
+    assert d[UNET_SHALLOW].output_names == ["out_sample"]
+    # Depth 2 reads features one down block deep: 1280 channels, latents halved (rounding up).
+    shapes = d[UNET_SHALLOW].shape_dict(2, 520, 512)
+    assert shapes["deep_features"] == (2, 1280, 33, 32) and shapes["out_sample"] == (2, 4, 65, 64)
+    with pytest.raises(InvalidArgument, match="step_cache_depth"):
+        sd_descriptors(SD15, step_cache_depth=4)
 
 
 def test_shape_dict_for_one_call():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tls_certs import CertificateAuthority
 
-from diffusiond.client import ClientError, DiffusionClient, tls_credentials
+from diffusiond.client import ClientError, DiffusionClient, build_request, tls_credentials
 from diffusiond.errors import FailedPrecondition, ResourceExhausted
 from diffusiond.models.sources import ModelSource
 from diffusiond.server.app import ServerSettings, ServerThread
@@ -62,6 +63,17 @@ def test_calls_need_a_known_bearer_token(auth_server, caplog):
     assert "client=alice" in text and ALICE not in text and "wrong-token" not in text
 
 
+def test_the_cli_passes_tokens(auth_server, monkeypatch, capsys):
+    from diffusiond.cli import main
+
+    assert main(["models", "--server", auth_server.address]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["models", "--server", auth_server.address, "--token", ALICE]) == 0
+    monkeypatch.setenv("DIFFUSIOND_TOKEN", BOB)
+    assert main(["models", "--server", auth_server.address]) == 0
+    assert "builtin (default)" in capsys.readouterr().out
+
+
 def test_health_is_open_and_reflection_is_behind_the_token(auth_server):
     channel = grpc.insecure_channel(auth_server.address)
     try:
@@ -94,6 +106,17 @@ def test_reflection_can_be_turned_off(builtin_dir):
             assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
         finally:
             channel.close()
+
+
+def test_a_changed_token_file_is_picked_up_without_a_signal(tmp_path, monkeypatch):
+    monkeypatch.setattr("diffusiond.server.auth.RECHECK_S", 0.0)
+    path = tmp_path / "tokens"
+    path.write_text(f"alice:{ALICE}\n")
+    store = TokenStore(path=path)
+    path.write_text(f"bob:{BOB}\n")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a later modification time
+    assert store.name_for(BOB) == "bob" and store.name_for(ALICE) is None
 
 
 def test_token_files_are_checked_and_reread_when_they_change(tmp_path):
@@ -137,10 +160,7 @@ def test_a_flooding_client_cannot_starve_a_polite_one(auth_server):
     try:
         with DiffusionClient(auth_server.address, timeout=WAIT_S, token=ALICE) as flooder:
             futures = [
-                flooder._stub.Generate.future(
-                    __import__("diffusiond.client", fromlist=["build_request"]).build_request("flood", steps=1),
-                    timeout=WAIT_S, metadata=flooder.metadata,
-                )
+                flooder._stub.Generate.future(build_request("flood", steps=1), timeout=WAIT_S, metadata=flooder.metadata)
                 for _ in range(8)
             ]
             assert entered.wait(WAIT_S)
@@ -226,6 +246,10 @@ def test_tls_without_client_certificates(builtin_dir, pki):
     with running_server(settings(builtin_dir, tls=TlsSettings(str(server.cert), str(server.key)), warmup=False)) as t:
         with DiffusionClient(t.address, timeout=WAIT_S, credentials=tls_credentials(pki["ca"])) as c:
             assert c.list_models()
+        from diffusiond.cli import main
+
+        assert main(["models", "--server", t.address, "--tls-ca", str(pki["ca"])]) == 0
+        assert main(["models", "--server", t.address, "--timeout", "10"]) == 1  # plaintext to a TLS port
 
 
 # -- hostile input -------------------------------------------------------------------------

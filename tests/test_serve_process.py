@@ -113,7 +113,7 @@ def test_sigterm_finishes_every_accepted_request(builtin_dir):
         with grpc.insecure_channel(server.address) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-        with DiffusionClient(server.address, timeout=30) as client:
+        with DiffusionClient(server.address, timeout=30, max_attempts=1) as client:  # its own answer, not a retry's
             with pytest.raises(ClientError) as refused:
                 client.generate("too late", seed=9, steps=2)
         assert refused.value.code is grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details
@@ -124,5 +124,30 @@ def test_sigterm_finishes_every_accepted_request(builtin_dir):
         assert server.proc.wait(timeout=60) == 0, "".join(server.lines)
         log = "".join(server.lines)
         assert "received SIGTERM" in log and "stopped" in log and "Traceback" not in log
+    finally:
+        server.kill()
+
+
+def test_sighup_rereads_the_auth_tokens(builtin_dir, tmp_path):
+    first, second = "first-token-0123456789", "second-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ops:{first}\n")
+    server = ServerProcess(builtin_dir, "--auth-tokens", str(tokens), "--no-warmup")
+    try:
+        with DiffusionClient(server.address, timeout=60, token=first) as client:
+            assert client.list_models()
+        stat = tokens.stat()
+        tokens.write_text(f"ops:{second}\n")
+        os.utime(tokens, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # unchanged mtime: only the signal tells
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for("auth tokens reloaded")
+        with DiffusionClient(server.address, timeout=60, token=second) as client:
+            assert client.list_models()
+        with DiffusionClient(server.address, timeout=60, token=first) as client:
+            with pytest.raises(ClientError) as refused:
+                client.list_models()
+        assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED
+        log = "".join(server.lines)
+        assert first not in log and second not in log
     finally:
         server.kill()

@@ -3,19 +3,23 @@
 The ``.proto`` files live under ``protos/diffusiond/v1`` (the path every other
 language uses), but the Python modules live in ``diffusiond/api/v1``. protoc's
 virtual path mapping (``-I<virtual>=<disk>``) places them there with correct
-absolute imports, so no generated file is edited by hand.
+absolute imports, so no generated file is edited by hand. The ``.proto`` files
+are also copied to ``diffusiond/api/protos/`` (same relative paths), so they
+ship inside the wheel for clients in other languages (``diffusiond.api.PROTO_ROOT``).
 
 Run ``python -m diffusiond.api.codegen`` (or ``make proto``). Needs grpcio-tools.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO_ROOT / "protos" / "diffusiond" / "v1"
 VIRTUAL_DIR = "diffusiond/api/v1"
+PACKAGED_PROTOS = "diffusiond/api/protos"
 
 
 def proto_files() -> list[Path]:
@@ -23,7 +27,8 @@ def proto_files() -> list[Path]:
 
 
 def generate(out_root: Path) -> list[Path]:
-    """Compile every ``.proto`` into ``out_root/diffusiond/api/v1``; return the files written."""
+    """Compile every ``.proto`` into ``out_root/diffusiond/api/v1`` and copy it under
+    ``out_root/diffusiond/api/protos``; return the files written."""
     from grpc_tools import protoc  # dev-only dependency
 
     out_root.mkdir(parents=True, exist_ok=True)
@@ -38,7 +43,13 @@ def generate(out_root: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted((out_root / VIRTUAL_DIR).glob("*_pb2*.py*"))
+    copies = []
+    for source in files:
+        target = out_root / PACKAGED_PROTOS / source.relative_to(PROTO_DIR.parents[1])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        copies.append(target)
+    return sorted((out_root / VIRTUAL_DIR).glob("*_pb2*.py*")) + copies
 
 
 def main() -> int:

@@ -77,6 +77,80 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
+class CrossAttentionKV:
+    """A text encoding with every cross-attention layer's key and value projections of it.
+
+    Made once per prompt by a backend that ``CachesCrossAttention``; the
+    pipeline stacks the rows of several requests (``cat``), repeats a prompt's
+    row for its images (``expand``) and cuts rows (``kv[a:b]``) as it does with
+    plain encodings, and passes it to ``unet`` in their place. Tensors are the
+    backend's own (device, dtype): opaque to everything else.
+    """
+
+    hidden_states: torch.Tensor  # [B, T, D]
+    keys: tuple[torch.Tensor, ...]  # per cross-attention layer, [B, T, inner]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def __getitem__(self, rows: slice) -> CrossAttentionKV:
+        return CrossAttentionKV(
+            self.hidden_states[rows], tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values)
+        )
+
+    def expand(self, rows: int) -> CrossAttentionKV:
+        def repeat(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(rows, *t.shape[1:])
+
+        return CrossAttentionKV(
+            repeat(self.hidden_states), tuple(map(repeat, self.keys)), tuple(map(repeat, self.values))
+        )
+
+    @staticmethod
+    def cat(items: list[CrossAttentionKV]) -> CrossAttentionKV:
+        if len(items) == 1:
+            return items[0]
+        return CrossAttentionKV(
+            torch.cat([i.hidden_states for i in items]),
+            tuple(torch.cat(layer) for layer in zip(*(i.keys for i in items))),
+            tuple(torch.cat(layer) for layer in zip(*(i.values for i in items))),
+        )
+
+
+@runtime_checkable
+class CachesCrossAttention(Protocol):
+    """A backend whose ``unet`` takes a ``CrossAttentionKV`` in place of the encoding (PyTorch UNets)."""
+
+    def cross_attention_kv(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionKV | None:
+        """[B, T, D] float32 encoding -> its per-layer keys and values, computed once (None: this
+        backend's layers cannot take them, e.g. after fusing their projections)."""
+        ...
+
+
+@runtime_checkable
+class CachesDeepFeatures(Protocol):
+    """A backend that can run the UNet whole or only its shallow blocks (step caching, DeepCache)."""
+
+    def step_cache_depths(self) -> tuple[int, ...]:
+        """The branch depths it can run (empty: none)."""
+        ...
+
+    def unet_split(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | CrossAttentionKV,
+        depth: int,
+        deep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model output, deep features). ``deep`` None: the full UNet, returning the features its last
+        ``depth`` up blocks read, to reuse; else only the shallow blocks, run on ``deep`` (returned as is)."""
+        ...
+
+
+@dataclass(frozen=True)
 class BackendPlugin:
     """What one backend file declares (as its module-level ``PLUGIN``) to be served and configured.
 

@@ -17,7 +17,10 @@ and hands both to ``GraphBackend``, which does the rest once for every runtime:
 - turns the runtime's out-of-memory failure into ``OutOfMemory``;
 - refuses an artifact that is incomplete, of another precision or from another
   source model than the operator asked for;
-- warms up by running every network at its profile's optimal shapes.
+- warms up by running every network at its profile's optimal shapes;
+- caches steps where the export carries the step-caching pair (a UNet that
+  also returns its deep features, and ``unet_shallow``) and the runtime can
+  return both UNet outputs of one run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -37,6 +40,7 @@ from diffusiond.models.descriptors import (
     REQUIRED_COMPONENTS,
     TEXT_ENCODER,
     UNET,
+    UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
     NetworkDescriptor,
@@ -65,6 +69,13 @@ class Graph(Protocol):
     def run(self, feeds: dict[str, torch.Tensor], output: str) -> torch.Tensor:
         """``feeds`` (each in its input's dtype, on the backend's device) -> the named output."""
         ...
+
+
+@runtime_checkable
+class MultiOutputGraph(Graph, Protocol):
+    """A graph that can return every output of one run (step caching needs the UNet's two)."""
+
+    def run_all(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,42 @@ class GraphBackend:
         if self._timestep_form is TimestepForm.ROWS:
             return self._run(UNET, {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states})
         return self._unet_by_timestep(sample, t, encoder_hidden_states)
+
+    def step_cache_depths(self) -> tuple[int, ...]:
+        depth = self._descriptors[UNET].step_cache_depth
+        unet = self.graphs[UNET]
+        if (
+            depth
+            and UNET_SHALLOW in self.graphs
+            and "deep_features" in unet.outputs
+            and isinstance(unet, MultiOutputGraph)
+            and self._timestep_form is TimestepForm.ROWS
+        ):
+            return (depth,)
+        return ()
+
+    def unet_split(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        depth: int,
+        deep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if depth not in self.step_cache_depths():
+            raise FailedPrecondition(
+                f"this {self.artifact.kind} cannot run step caching at depth {depth} "
+                f"(it can at: {', '.join(map(str, self.step_cache_depths())) or 'none'})"
+            )
+        feeds = {"sample": sample, "timestep": timestep.reshape(-1), "encoder_hidden_states": encoder_hidden_states}
+        if deep is not None:
+            return self._run(UNET_SHALLOW, {**feeds, "deep_features": deep}), deep
+        graph = self.graphs[UNET]
+        with translate_out_of_memory(UNET, self.is_runtime_out_of_memory):
+            cast = {name: self._cast(graph.inputs[name], value) for name, value in feeds.items()}
+            outs = graph.run_all(cast)  # type: ignore[attr-defined]
+        out, features = outs[self._outputs[UNET]], outs["deep_features"]
+        return out.to(self._device, torch.float32).contiguous(), features.to(self._device, torch.float32).contiguous()
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run(VAE_DECODER, {"latent_sample": latents})

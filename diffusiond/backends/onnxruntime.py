@@ -156,6 +156,10 @@ class OrtGraph:
         arrays = {name: tensor.cpu().numpy() for name, tensor in feeds.items()}
         return torch.from_numpy(self.session.run([output], arrays)[0])
 
+    def run_all(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {name: tensor.cpu().numpy() for name, tensor in feeds.items()}
+        return {name: torch.from_numpy(out) for name, out in zip(self.outputs, self.session.run(None, arrays))}
+
 
 class OnnxRuntimeBackend(GraphBackend):
     """Runs Optimum-layout ONNX networks with ONNX Runtime."""
@@ -195,7 +199,7 @@ class OnnxRuntimeBackend(GraphBackend):
         graphs: dict[str, OrtGraph] = {}
         for component in COMPONENTS:
             path = model_dir / component / MODEL_FILE
-            if path.is_file():
+            if path.is_file() and component in descriptors:
                 providers = self._providers(component, descriptors[component], profile, precision_hint, model_dir,
                                             opts.trt_cache_dir)
                 graphs[component] = OrtGraph(ort, path, _session_options(ort, level, settings, opts), providers)

@@ -1,7 +1,9 @@
 """PyTorch eager backend: the diffusers/transformers modules, run as they are.
 
 Rows carry their own timesteps natively (diffusers embeds a [B] timestep per
-row); an allocation failure in any module comes out as ``OutOfMemory``.
+row); an allocation failure in any module comes out as ``OutOfMemory``. It
+caches cross-attention keys and values per prompt (``torch_attention``) and
+can run the UNet split for step caching (``models.unet_split``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ from pathlib import Path
 
 import torch
 
-from diffusiond.backends import cpu_features
-from diffusiond.backends.base import DTYPES, BackendPlugin, BackendSettings, resolve_device, translate_out_of_memory
+from diffusiond.backends import cpu_features, torch_attention
+from diffusiond.backends.base import (
+    DTYPES,
+    BackendPlugin,
+    BackendSettings,
+    CrossAttentionKV,
+    resolve_device,
+    translate_out_of_memory,
+)
 from diffusiond.errors import FailedPrecondition, InvalidArgument
+from diffusiond.models import unet_split
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,8 @@ class TorchEagerBackend:
         self._vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=self._vae_dtype)
         for module in (self._text_encoder, self._unet, self._vae):
             module.to(self._device).eval().requires_grad_(False)
+        self._kv_layers = torch_attention.install(self._unet)
+        self._split_depths = tuple(d for d in range(1, len(self._unet.up_blocks)) if _splittable(self._unet, d))
 
     @property
     def device(self) -> torch.device:
@@ -74,15 +86,49 @@ class TorchEagerBackend:
         return hidden.float()
 
     @torch.inference_mode()
+    @translate_out_of_memory("text_encoder")
+    def cross_attention_kv(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionKV | None:
+        if not self._kv_layers:
+            return None
+        return torch_attention.precompute(self._kv_layers, encoder_hidden_states.to(self._device, self._dtype))
+
+    def _context(self, encoder_hidden_states: torch.Tensor | CrossAttentionKV) -> tuple[torch.Tensor, dict | None]:
+        """The encoding in the UNet's dtype, and the attention kwargs that hand it precomputed keys and values."""
+        if isinstance(encoder_hidden_states, CrossAttentionKV):
+            return encoder_hidden_states.hidden_states, {"kv": encoder_hidden_states}
+        return encoder_hidden_states.to(self._dtype), None
+
+    @torch.inference_mode()
     @translate_out_of_memory("unet")
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | CrossAttentionKV
+    ) -> torch.Tensor:
+        context, attention = self._context(encoder_hidden_states)
         out = self._unet(
-            sample.to(self._dtype),
-            timestep,
-            encoder_hidden_states=encoder_hidden_states.to(self._dtype),
+            sample.to(self._dtype), timestep, encoder_hidden_states=context, cross_attention_kwargs=attention,
             return_dict=False,
         )[0]
         return out.float()
+
+    def step_cache_depths(self) -> tuple[int, ...]:
+        return self._split_depths
+
+    @torch.inference_mode()
+    @translate_out_of_memory("unet")
+    def unet_split(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | CrossAttentionKV,
+        depth: int,
+        deep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        context, attention = self._context(encoder_hidden_states)
+        out, features = unet_split.split_forward(
+            self._unet, sample.to(self._dtype), timestep, context, depth,
+            None if deep is None else deep.to(self._dtype), attention,
+        )
+        return out.float(), features
 
     @torch.inference_mode()
     @translate_out_of_memory("vae_decode")
@@ -105,3 +151,11 @@ PLUGIN = BackendPlugin(
     description="diffusers-format model directories, run by PyTorch as they are",
     load=TorchEagerBackend,
 )
+
+
+def _splittable(unet: torch.nn.Module, depth: int) -> bool:
+    try:
+        unet_split.check_splittable(unet, depth)
+    except FailedPrecondition:
+        return False
+    return True

@@ -25,10 +25,12 @@ from diffusiond.client.client import (
     build_request,
     tls_credentials,
 )
+from diffusiond.client.progress import Progress
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 TOKEN_ENV = "DIFFUSIOND_TOKEN"
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+FORMAT_OF_EXTENSION = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +43,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default="", help="e.g. euler_a, dpmpp_2m_karras, ddim (see `diffusiond models`)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--format", default="png", choices=sorted(FORMATS), help="output image format")
+    parser.add_argument("--format", default=None, choices=sorted(FORMATS),
+                        help="output image format (default: from the extension of --out, else png)")
     parser.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1-100")
     parser.add_argument("--model", default="", help="model name (default: the server's default model)")
-    parser.add_argument("--out", "-o", default="image.png", help="output file; several images get -0, -1, ... suffixes")
+    parser.add_argument("--out", "-o", default="image",
+                        help="output file (.png, .jpg/.jpeg or .webp: the format follows it; without an extension "
+                        "the format's is added); several images get -0, -1, ... suffixes")
     parser.add_argument("--stream", action="store_true", help="show progress and ETA while the image forms")
     parser.add_argument("--preview-dir", default=None, help="with --stream: save preview images here")
     parser.add_argument("--preview", default="approx_rgb", choices=[k for k in PREVIEWS if k != "none"],
@@ -68,6 +73,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--hires-steps", type=int, default=0, help="the second pass's steps (default: --steps)")
     images.add_argument("--hires-upscaler", default="latent", choices=sorted(UPSCALERS),
                         help="latent: bicubic on the latents (free); lanczos: on the pixels (a VAE decode and encode)")
+    parser.add_argument("--cache-interval", type=int, default=0,
+                        help="step caching: the full UNet every N steps (faster, approximate; 1: exact; "
+                        "default: the server's)")
+    parser.add_argument("--cache-depth", type=int, default=0, help="up blocks a step-cached pass runs (default: the server's)")
     add_connection_arguments(parser)
 
 
@@ -99,34 +108,30 @@ def _compression(args: argparse.Namespace) -> grpc.Compression | None:
     return grpc.Compression.Gzip if getattr(args, "gzip", False) else None
 
 
+def output_format(out: str, requested: str | None) -> str:
+    """The format to ask for: ``--format``, else the one ``out``'s extension names, else PNG.
+    ValueError when the two disagree or the extension is no image format, rather than a silent rename."""
+    suffix = Path(out).suffix.lower()
+    implied = FORMAT_OF_EXTENSION.get(suffix)
+    if suffix and implied is None:
+        raise ValueError(f"--out {out}: {suffix} is not a format diffusiond writes; use .png, .jpg, .jpeg or .webp, "
+                         "or no extension with --format")
+    if requested is None:
+        return implied or "png"
+    if implied is not None and FORMATS[implied] != FORMATS[requested.lower()]:
+        raise ValueError(f"--format {requested} does not match --out {out} ({implied}); change one, or drop --format "
+                         "to follow the extension")
+    return requested
+
+
 def output_paths(out: Path, images: list[GeneratedImage]) -> list[Path]:
-    """``out`` for one image, ``stem-i.ext`` for several; the extension follows the format."""
+    """``out`` for one image, ``stem-i.ext`` for several; an extension given is kept, else the format's is added."""
     paths = []
     for image in images:
-        ext = EXTENSIONS.get(image.mime_type, out.suffix or ".img")
+        ext = out.suffix or EXTENSIONS.get(image.mime_type, ".img")
         stem = out.stem if len(images) == 1 else f"{out.stem}-{image.index}"
         paths.append(out.with_name(stem + ext))
     return paths
-
-
-class ProgressBar:
-    def __init__(self, stream=None, width: int = 30) -> None:
-        self.stream = stream or sys.stderr
-        self.width = width
-
-    def update(self, step: int, total: int, eta_s: float) -> None:
-        filled = int(self.width * step / max(total, 1))
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {step}/{total} ETA {eta_s:5.1f}s")
-        self.stream.flush()
-
-    def note(self, text: str) -> None:
-        self.stream.write(f"\r{text}\n")
-        self.stream.flush()
-
-    def done(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
 
 
 def _save_previews(step: pb.Step, directory: Path) -> None:
@@ -139,7 +144,19 @@ def _save_previews(step: pb.Step, directory: Path) -> None:
 
 
 def _stream(client: DiffusionClient, request: pb.GenerateRequest, args: argparse.Namespace) -> pb.GenerateResponse:
-    bar = ProgressBar()
+    bar = Progress("steps")
+    response = None
+    try:
+        response = _follow(client, request, args, bar)
+    finally:
+        bar.close()
+    if response is None:
+        raise ClientError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
+    return response
+
+
+def _follow(client: DiffusionClient, request: pb.GenerateRequest, args: argparse.Namespace,
+            bar: Progress) -> pb.GenerateResponse | None:
     response = None
     for event in client.stream_request(request, timeout=args.timeout):
         kind = event.WhichOneof("event")
@@ -153,14 +170,12 @@ def _stream(client: DiffusionClient, request: pb.GenerateRequest, args: argparse
                 _save_previews(event.step, Path(args.preview_dir))
         elif kind == "result":
             response = event.result
-    bar.done()
-    if response is None:
-        raise ClientError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
     return response
 
 
 def run_generate(args: argparse.Namespace) -> int:
     try:
+        image_format = output_format(args.out, args.format)
         request = build_request(
             args.prompt,
             negative_prompt=args.negative,
@@ -171,7 +186,7 @@ def run_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             num_images=args.num_images,
             scheduler=args.scheduler,
-            output_format=args.format,
+            output_format=image_format,
             quality=args.quality,
             model=args.model,
             preview=args.preview if (args.stream and args.preview_dir) else "none",
@@ -185,18 +200,21 @@ def run_generate(args: argparse.Namespace) -> int:
             hires_steps=args.hires_steps,
             hires_strength=args.hires_strength,
             hires_upscaler=args.hires_upscaler,
+            cache_interval=args.cache_interval,
+            cache_depth=args.cache_depth,
         )
     except ValueError as exc:
         return _fail(str(exc), 2)
     started = time.perf_counter()
     try:
         with open_client(args) as client:
-            if args.stream:
-                response = _stream(client, request, args)
-            else:
-                response = client.generate_request(request, timeout=args.timeout).response
-    except ClientError as exc:
-        return _fail(_explain(exc, args.server), 1)
+            try:
+                if args.stream:
+                    response = _stream(client, request, args)
+                else:
+                    response = client.generate_request(request, timeout=args.timeout).response
+            except ClientError as exc:
+                return _fail(_explain(exc, args.server, client), 1)
     except ValueError as exc:
         return _fail(str(exc), 2)
     images = [GeneratedImage.from_proto(i) for i in response.images]
@@ -225,9 +243,10 @@ def _read(path: str | None, flag: str) -> bytes | None:
 def run_models(args: argparse.Namespace) -> int:
     try:
         with open_client(args) as client:
-            models = client.list_models(timeout=args.timeout)
-    except ClientError as exc:
-        return _fail(_explain(exc, args.server), 1)
+            try:
+                models = client.list_models(timeout=args.timeout)
+            except ClientError as exc:
+                return _fail(_explain(exc, args.server, client), 1)
     except ValueError as exc:
         return _fail(str(exc), 2)
     for m in models:
@@ -238,6 +257,8 @@ def run_models(args: argparse.Namespace) -> int:
             f"multiples of {m.size_multiple}), {m.default_steps} steps, guidance {m.default_guidance_scale:g}\n"
             f"  schedulers: {', '.join(m.schedulers)} (default {m.default_scheduler})\n"
             f"  image inputs: {_image_inputs(m.image_inputs)}\n"
+            + (f"  step caching: depths {', '.join(map(str, m.step_cache_depths))} (default every "
+               f"{m.default_cache_interval} at depth {m.default_cache_depth})\n" if m.step_cache_depths else "")
         )
     return 0
 
@@ -249,10 +270,15 @@ def _image_inputs(support: pb.ImageInputSupport) -> str:
             f"{support.max_image_bytes / 2**20:g} MiB and {support.max_image_pixels} pixels")
 
 
-def _explain(exc: ClientError, server: str) -> str:
+def _explain(exc: ClientError, server: str, client: DiffusionClient) -> str:
+    unreachable = f"cannot reach a diffusiond server at {server} ({exc.details}); is `diffusiond serve` running?"
     if exc.code is grpc.StatusCode.UNAVAILABLE and ("connect" in exc.details.lower() or "failed" in exc.details.lower()):
-        return f"cannot reach a diffusiond server at {server} ({exc.details}); is `diffusiond serve` running?"
+        return unreachable
     if exc.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        try:  # the timeout may have passed while retrying a server that never answered at all
+            client.wait_ready(timeout=1.0)
+        except ClientError:
+            return unreachable
         return f"the server at {server} did not finish before the timeout ({exc.details})"
     return f"{exc.code.name}: {exc.details}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -43,6 +44,27 @@ _SCALE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)x?")
 # What the client takes as an input image: encoded bytes (PNG, JPEG, WebP), a file path, a PIL image,
 # or a numpy array (HxW, HxWx3, HxWx4; uint8, bool, or float in [0, 1]). Arrays and PIL images go as PNG.
 ImageLike = Any
+SERVICE = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
+DEFAULT_ATTEMPTS = 5  # gRPC caps a retry policy at 5 attempts
+
+
+def service_config(max_attempts: int = DEFAULT_ATTEMPTS, wait_for_ready: bool = False) -> str:
+    """gRPC's retry policy for the Diffusion service: a call answered UNAVAILABLE (a server still loading its
+    models or draining, one not reachable, or one that shut down before it finished the request) is tried
+    again with exponential backoff, up to ``max_attempts`` in all (about 7 seconds of waiting at most). Such a
+    request produced nothing, so trying it again is safe; a stream is retried only before its first event.
+    ``wait_for_ready``: wait for a connection (within the call's timeout) rather than failing at once when
+    nothing listens yet."""
+    method: dict[str, Any] = {"name": [{"service": SERVICE}], "waitForReady": wait_for_ready}
+    if max_attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": min(max_attempts, DEFAULT_ATTEMPTS),
+            "initialBackoff": "0.5s",
+            "maxBackoff": "4s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method]})
 
 
 class ClientError(Exception):
@@ -174,6 +196,8 @@ def build_request(
     hires_steps: int = 0,
     hires_strength: float | None = None,
     hires_upscaler: str = "latent",
+    cache_interval: int = 0,
+    cache_depth: int = 0,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default".
 
@@ -201,6 +225,8 @@ def build_request(
         preview=pb.PreviewOptions(
             kind=PREVIEWS[preview.lower()], every_n_steps=preview_every, max_size=preview_max_size
         ),
+        cache_interval=cache_interval,
+        cache_depth=cache_depth,
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
@@ -247,11 +273,16 @@ def _open_channel(
     credentials: grpc.ChannelCredentials | None,
     compression: grpc.Compression | None,
     max_message_bytes: int,
+    max_attempts: int = DEFAULT_ATTEMPTS,
+    wait_for_ready: bool = False,
 ) -> Any:
-    """A channel from ``grpc`` or ``grpc.aio`` (same signatures), secure when credentials are given."""
+    """A channel from ``grpc`` or ``grpc.aio`` (same signatures), secure when credentials are given,
+    with the retry policy of ``service_config``."""
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config(max_attempts, wait_for_ready)),
     ]
     if credentials is not None:
         return api.secure_channel(address, credentials, options=options, compression=compression)
@@ -287,8 +318,13 @@ class DiffusionClient:
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: str | None = None,
+        max_attempts: int = DEFAULT_ATTEMPTS,
+        wait_for_ready: bool = False,
     ) -> None:
-        self._channel = _open_channel(grpc, address, credentials, compression, max_message_bytes)
+        """``max_attempts``: tries of a call answered UNAVAILABLE (1: no retries); ``wait_for_ready``: wait
+        for the server to listen instead of failing at once (see ``service_config``)."""
+        self._channel = _open_channel(grpc, address, credentials, compression, max_message_bytes, max_attempts,
+                                      wait_for_ready)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
         self.metadata = [*auth_metadata(token), *(metadata or [])]
@@ -357,8 +393,13 @@ class AsyncDiffusionClient:
         compression: grpc.Compression | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         token: str | None = None,
+        max_attempts: int = DEFAULT_ATTEMPTS,
+        wait_for_ready: bool = False,
     ) -> None:
-        self._channel = _open_channel(grpc.aio, address, credentials, compression, max_message_bytes)
+        """``max_attempts``: tries of a call answered UNAVAILABLE (1: no retries); ``wait_for_ready``: wait
+        for the server to listen instead of failing at once (see ``service_config``)."""
+        self._channel = _open_channel(grpc.aio, address, credentials, compression, max_message_bytes, max_attempts,
+                                      wait_for_ready)
         self._stub = pb_grpc.DiffusionStub(self._channel)
         self.timeout = timeout
         self.metadata = [*auth_metadata(token), *(metadata or [])]

@@ -47,6 +47,8 @@ class EvalSettings:
     batch_size: int = 16
     clip_model: str = ""  # a local CLIP model directory, for CLIP score
     save_images: str = ""  # a directory for the generated images and a contact sheet
+    cache_interval: int = 1  # step caching (1: off, exact)
+    cache_depth: int = 1
 
 
 @dataclass
@@ -127,6 +129,7 @@ def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
         return GenerationParams(
             request_id=f"eval-{index}", prompt=scene.caption, steps=settings.steps,
             guidance_scale=settings.guidance_scale, seed=settings.seed + index, scheduler=settings.scheduler,
+            cache_interval=settings.cache_interval, cache_depth=settings.cache_depth,
         )
 
     first_request = resolve(params(0, scenes[0]), model)  # what every prompt runs with, checked once

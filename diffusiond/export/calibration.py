@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusiond.backends.base import CrossAttentionKV
 from diffusiond.errors import InvalidArgument, NotFound
 
 DEFAULT_PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
@@ -100,11 +101,14 @@ class _RecordUNet:
         self.samples: list[dict[str, np.ndarray]] = []
 
     def unet(self, sample, timestep, encoder_hidden_states):
+        # The exported UNet takes the encoding itself, not the keys and values PyTorch precomputes from it.
+        context = encoder_hidden_states.hidden_states if isinstance(encoder_hidden_states, CrossAttentionKV) \
+            else encoder_hidden_states
         self.samples.append(
             {
                 "sample": sample.detach().float().cpu().numpy().copy(),
                 "timestep": timestep.detach().float().cpu().numpy().copy(),
-                "encoder_hidden_states": encoder_hidden_states.detach().float().cpu().numpy().copy(),
+                "encoder_hidden_states": context.detach().float().cpu().numpy().copy(),
             }
         )
         return self.inner.unet(sample, timestep, encoder_hidden_states)

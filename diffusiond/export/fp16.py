@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffusiond.export.onnx_io import nodes_in_modules
+from diffusiond.export.quiet import quiet_tools
 from diffusiond.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 
 SENSITIVE_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
@@ -60,10 +61,11 @@ def convert_to_fp16(model, settings: Fp16Settings = Fp16Settings(), shapes_infer
     from onnxruntime.transformers import float16
 
     node_block_list = nodes_in_modules(model, settings.keep_modules_fp32)
-    return float16.convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(settings.keep_ops_fp32),
-        node_block_list=node_block_list,
-        disable_shape_infer=shapes_inferred,
-    )
+    with quiet_tools("float16 converter"):
+        return float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(settings.keep_ops_fp32),
+            node_block_list=node_block_list,
+            disable_shape_infer=shapes_inferred,
+        )

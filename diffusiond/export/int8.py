@@ -24,6 +24,7 @@ from pathlib import Path
 from diffusiond.errors import InvalidArgument, MissingDependency
 from diffusiond.export.calibration import CalibrationSettings, UNetCalibrationReader
 from diffusiond.export.onnx_io import nodes_in_modules
+from diffusiond.export.quiet import quiet_tools
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +138,23 @@ def quantize_unet(
         fp32_path.parent.name, settings.label, len(kept), len(quantizable),
         f"cached ranges {range_cache}" if cached else f"{len(samples)} calibration samples", calibration.method,
     )
-    quantize_static(
-        str(fp32_path),
-        str(out_path),
-        reader,
-        quant_format=QuantFormat.QDQ if settings.quant_format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=list(settings.op_types),
-        per_channel=settings.per_channel,
-        reduce_range=settings.reduce_range,
-        activation_type=types[settings.activation_type],
-        weight_type=types[settings.weight_type],
-        nodes_to_exclude=excluded,
-        use_external_data_format=use_external_data,
-        calibrate_method=methods[calibration.method],
-        extra_options=extra,
-        calibration_cache_path=str(range_cache) if range_cache is not None else None,
-    )
+    with quiet_tools("quantizer"):  # its prints and root-logger advice go to the debug log
+        quantize_static(
+            str(fp32_path),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ if settings.quant_format == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=list(settings.op_types),
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            activation_type=types[settings.activation_type],
+            weight_type=types[settings.weight_type],
+            nodes_to_exclude=excluded,
+            use_external_data_format=use_external_data,
+            calibrate_method=methods[calibration.method],
+            extra_options=extra,
+            calibration_cache_path=str(range_cache) if range_cache is not None else None,
+        )
     return {
         **settings.to_json(),
         "quantizable_nodes": len(quantizable),

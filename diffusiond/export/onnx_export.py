@@ -52,6 +52,7 @@ from diffusiond.models.descriptors import (
     COMPONENTS,
     REQUIRED_COMPONENTS,
     UNET,
+    UNET_SHALLOW,
     NetworkDescriptor,
     SDDims,
     ShapeProfile,
@@ -73,9 +74,11 @@ log = logging.getLogger(__name__)
 # Bump when the export recipe changes, so existing artifacts are rebuilt rather than reused.
 # 3: the UNet is traced and verified with a different timestep in every row (continuous batching
 # mixes requests at different steps in one call), so an export that ignored all but row 0's is rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 DEFAULT_OPSET = 17
-SOURCE_CONFIG = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+SOURCE_CONFIG = {
+    "text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "unet_shallow": "unet",
+}
 # fp32 networks must match PyTorch to this (absolute, scaled by the output's magnitude when above 1).
 FP32_TOLERANCE = 2e-3
 
@@ -95,8 +98,17 @@ class ExportOptions:
     fp16: Fp16Settings = field(default_factory=Fp16Settings)
     int8: Int8Settings = field(default_factory=Int8Settings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    # Step caching: the UNet also returns its deep features at this depth and ``unet_shallow`` is
+    # exported beside it (0: neither).
+    step_cache_depth: int = 1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.step_cache_depth <= 8:
+            raise InvalidArgument("step_cache_depth", f"must be between 0 and 8, got {self.step_cache_depth}")
+        if not self.step_cache_depth:
+            if UNET_SHALLOW in self.components and self.components != COMPONENTS:
+                raise InvalidArgument("components", f"{UNET_SHALLOW} needs a step-cache depth above 0")
+            object.__setattr__(self, "components", tuple(c for c in self.components if c != UNET_SHALLOW))
         if self.precision not in PRECISIONS:
             raise InvalidArgument("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 14 <= self.opset <= 20:
@@ -116,6 +128,7 @@ class ExportOptions:
             "opset": self.opset,
             "profile": profile.to_json(),
             "components": sorted(self.components),
+            "step_cache_depth": self.step_cache_depth,
         }
         if self.precision == "fp16":
             data["fp16"] = self.fp16.to_json()
@@ -195,7 +208,7 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
             return ExportResult(out, existing, reused=True)
     _check_replaceable(out, existing, options.force)
 
-    descriptors = sd_descriptors(dims)
+    descriptors = sd_descriptors(dims, options.step_cache_depth)
     with staged(out) as staging:
         samples: list | None = None
         calibration_info: dict[str, Any] | None = None
@@ -217,7 +230,10 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
                 progress.note("%d UNet calls (%d rows, both guidance halves)", counts["samples"], counts["rows"])
 
         vae_upcast = bool(read_json(source / "vae" / "config.json").get("force_upcast", True))
-        converted = fp16_components(vae_upcast) if options.precision == "fp16" else ((UNET,) if options.precision == "int8" else ())
+        # fp16 converts the UNet's shallow pass with it; int8 quantizes the full UNet only (the shallow pass is cheap).
+        converted = (*fp16_components(vae_upcast), UNET_SHALLOW) if options.precision == "fp16" else (
+            (UNET,) if options.precision == "int8" else ()
+        )
         components: dict[str, ComponentEntry] = {}
         for name in options.components:
             precision = options.precision if name in converted else "fp32"
@@ -329,7 +345,7 @@ def _export_component(
 
     name = descriptor.name
     target = staging / name / onnx_io.MODEL_FILE
-    module = load_torch_network(source, name)
+    module = load_torch_network(source, name, descriptor.step_cache_depth)
     notes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=staging) as tmp:
         raw = Path(tmp) / onnx_io.MODEL_FILE

@@ -55,6 +55,7 @@ from diffusiond.models.descriptors import (
     COMPONENTS,
     REQUIRED_COMPONENTS,
     UNET,
+    UNET_SHALLOW,
     VAE_ENCODER,
     ShapeProfile,
     descriptors_for,
@@ -90,7 +91,8 @@ VAE_ENCODER_CHOICES = ("auto", "build", "skip")
 class EngineBuildOptions:
     precision: str = ""  # "": whatever the ONNX export holds; otherwise the export must hold this
     profile: ShapeProfile | None = None  # None: the ONNX export's own profile
-    components: tuple[str, ...] = COMPONENTS
+    # Step caching's shallow UNet is not built: the tensorrt backend does not cache steps.
+    components: tuple[str, ...] = tuple(c for c in COMPONENTS if c != UNET_SHALLOW)
     workspace_gib: float = 8.0
     optimization_level: int = 3  # TensorRT's builder optimisation level, 0-5
     force: bool = False

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from diffusiond.models.descriptors import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from diffusiond.models.descriptors import TEXT_ENCODER, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
+from diffusiond.models.unet_split import check_splittable, split_forward
 
 
 class TextEncoderOutputs(torch.nn.Module):
@@ -25,12 +26,34 @@ class TextEncoderOutputs(torch.nn.Module):
 
 
 class UNetOutputs(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+    """The UNet; with a step-cache depth it also returns its deep features at that depth."""
+
+    def __init__(self, model: torch.nn.Module, step_cache_depth: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.depth = step_cache_depth
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.depth:
+            return split_forward(self.model, sample, timestep, encoder_hidden_states, self.depth)
         return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetShallowOutputs(torch.nn.Module):
+    """The UNet's shallow blocks alone, on the deep features of a full pass (step caching)."""
+
+    def __init__(self, model: torch.nn.Module, step_cache_depth: int) -> None:
+        super().__init__()
+        self.model = model
+        self.depth = step_cache_depth
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        deep_features: torch.Tensor,
+    ) -> torch.Tensor:
+        return split_forward(self.model, sample, timestep, encoder_hidden_states, self.depth, deep_features)[0]
 
 
 class VaeDecoderOutputs(torch.nn.Module):
@@ -51,7 +74,7 @@ class VaeEncoderOutputs(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
-def load_torch_network(model_dir: Path, component: str) -> torch.nn.Module:
+def load_torch_network(model_dir: Path, component: str, step_cache_depth: int = 0) -> torch.nn.Module:
     """One network of a diffusers-format model, fp32, eval mode, wrapped to its descriptor's I/O.
 
     Loaded one at a time so that exporting a large model holds one network in memory, not four.
@@ -66,10 +89,13 @@ def load_torch_network(model_dir: Path, component: str) -> torch.nn.Module:
         from transformers import CLIPTextModel
 
         module = TextEncoderOutputs(CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32, low_cpu_mem_usage=False))
-    elif component == UNET:
+    elif component in (UNET, UNET_SHALLOW):
         from diffusers import UNet2DConditionModel
 
-        module = UNetOutputs(UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False))
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        if step_cache_depth:
+            check_splittable(unet, step_cache_depth)
+        module = UNetOutputs(unet, step_cache_depth) if component == UNET else UNetShallowOutputs(unet, step_cache_depth)
     elif component in (VAE_DECODER, VAE_ENCODER):
         from diffusers import AutoencoderKL
 

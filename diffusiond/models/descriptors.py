@@ -35,7 +35,9 @@ TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+# Step caching: the UNet's shallow blocks alone, run on the deep features a full pass returned.
+UNET_SHALLOW = "unet_shallow"
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, UNET_SHALLOW)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)  # the encoder only serves image inputs
 
 
@@ -127,6 +129,8 @@ class SDDims:
     vocab_size: int
     num_train_timesteps: int
     image_channels: int = 3
+    # Channels of the deep features a step-caching full pass returns, by depth (index 0: depth 1).
+    deep_channels: tuple[int, ...] = ()
 
     @classmethod
     def from_model_dir(cls, directory: Path) -> SDDims:
@@ -143,6 +147,9 @@ class SDDims:
             text_hidden_size=int(unet.get("cross_attention_dim", config.text_hidden_size)),
             vocab_size=int(text.get("vocab_size", 49408)),
             num_train_timesteps=int(config.scheduler_config.get("num_train_timesteps", 1000)),
+            # The features entering up block n - d come out of up block n - d - 1, whose channels are
+            # the down path's block d: block_out_channels[d].
+            deep_channels=tuple(int(c) for c in unet.get("block_out_channels", ())[1:]),
         )
 
 
@@ -155,6 +162,7 @@ class NetworkDescriptor:
     outputs: tuple[TensorSpec, ...]
     dims: SDDims
     rows_per_image: int = 1  # the guided UNet runs 2 rows per image
+    step_cache_depth: int = 0  # >0: the UNet's deep features at this depth are an output or input
 
     @property
     def input_names(self) -> list[str]:
@@ -172,13 +180,17 @@ class NetworkDescriptor:
         f = self.dims.vae_scale_factor
         if height % f or width % f:
             raise InvalidArgument("size", f"{width}x{height} is not a multiple of the VAE factor {f}")
-        return {
+        sizes = {
             "batch": batch,
             "height": height,
             "width": width,
             "latent_height": height // f,
             "latent_width": width // f,
         }
+        deep_height, deep_width = sizes["latent_height"], sizes["latent_width"]
+        for _ in range(self.step_cache_depth - 1):  # each down block above halves, rounding up
+            deep_height, deep_width = -(-deep_height // 2), -(-deep_width // 2)
+        return {**sizes, "deep_height": deep_height, "deep_width": deep_width}
 
     def shape_dict(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Every input's and output's shape for one call (what buffer allocation needs)."""
@@ -231,12 +243,30 @@ class NetworkDescriptor:
         return data
 
 
-def sd_descriptors(dims: SDDims) -> dict[str, NetworkDescriptor]:
-    """The four networks of a Stable Diffusion 1.x/2.x pipeline, keyed by component name."""
+def sd_descriptors(dims: SDDims, step_cache_depth: int = 0) -> dict[str, NetworkDescriptor]:
+    """The networks of a Stable Diffusion 1.x/2.x pipeline, keyed by component name.
+
+    With ``step_cache_depth`` > 0 the UNet also returns its deep features at that
+    depth, and ``unet_shallow`` (its shallow blocks alone) takes them.
+    """
     c, t, d = dims.latent_channels, dims.text_max_length, dims.text_hidden_size
+    unet_inputs = (
+        TensorSpec("sample", "float32", ("batch", dims.unet_in_channels, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("batch",), Sample.TIMESTEP),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", t, d)),
+    )
+    out_sample = TensorSpec("out_sample", "float32", ("batch", dims.unet_out_channels, "latent_height", "latent_width"))
+    deep = ()
+    if step_cache_depth:
+        if not 1 <= step_cache_depth <= len(dims.deep_channels):
+            raise InvalidArgument(
+                "step_cache_depth", f"must be between 1 and {len(dims.deep_channels)} for this UNet, got {step_cache_depth}"
+            )
+        channels = dims.deep_channels[step_cache_depth - 1]
+        deep = (TensorSpec("deep_features", "float32", ("batch", channels, "deep_height", "deep_width")),)
     latent = ("batch", c, "latent_height", "latent_width")
     image = ("batch", dims.image_channels, "height", "width")
-    return {
+    descriptors = {
         TEXT_ENCODER: NetworkDescriptor(
             TEXT_ENCODER,
             inputs=(TensorSpec("input_ids", "int64", ("batch", t), Sample.TOKENS),),
@@ -247,17 +277,8 @@ def sd_descriptors(dims: SDDims) -> dict[str, NetworkDescriptor]:
             dims=dims,
         ),
         UNET: NetworkDescriptor(
-            UNET,
-            inputs=(
-                TensorSpec("sample", "float32", ("batch", dims.unet_in_channels, "latent_height", "latent_width")),
-                TensorSpec("timestep", "float32", ("batch",), Sample.TIMESTEP),
-                TensorSpec("encoder_hidden_states", "float32", ("batch", t, d)),
-            ),
-            outputs=(
-                TensorSpec("out_sample", "float32", ("batch", dims.unet_out_channels, "latent_height", "latent_width")),
-            ),
-            dims=dims,
-            rows_per_image=2,
+            UNET, inputs=unet_inputs, outputs=(out_sample, *deep), dims=dims, rows_per_image=2,
+            step_cache_depth=step_cache_depth,
         ),
         VAE_DECODER: NetworkDescriptor(
             VAE_DECODER,
@@ -273,10 +294,25 @@ def sd_descriptors(dims: SDDims) -> dict[str, NetworkDescriptor]:
             dims=dims,
         ),
     }
+    if step_cache_depth:
+        descriptors[UNET_SHALLOW] = NetworkDescriptor(
+            UNET_SHALLOW, inputs=(*unet_inputs, *deep), outputs=(out_sample,), dims=dims, rows_per_image=2,
+            step_cache_depth=step_cache_depth,
+        )
+    return descriptors
 
 
 def descriptors_for(directory: Path) -> dict[str, NetworkDescriptor]:
-    return sd_descriptors(SDDims.from_model_dir(directory))
+    """The descriptors of a model or export directory (an export's manifest says its step-cache depth)."""
+    return sd_descriptors(SDDims.from_model_dir(directory), step_cache_depth_of(directory))
+
+
+def step_cache_depth_of(directory: Path) -> int:
+    """The step-cache depth an export was made with (0: none, or not an export)."""
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return 0
+    return int(read_json(manifest).get("options", {}).get("step_cache_depth", 0))
 
 
 def describe(descriptors: Mapping[str, NetworkDescriptor]) -> str:

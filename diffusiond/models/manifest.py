@@ -1,4 +1,4 @@
-"""``manifest.json``: what an ONNX export holds, where it came from, how it was made.
+"""``manifest.json``: what an ONNX (or OpenVINO IR) export holds, where it came from, how it was made.
 
 Export writes it last (a directory without one is incomplete or foreign);
 export reads it to decide whether an artifact is up to date; a backend reads
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "diffusiond-onnx"
+OPENVINO_FORMAT = "diffusiond-openvino"  # the same fields, over OpenVINO IR files (`diffusiond export openvino`)
+FORMATS = (FORMAT, OPENVINO_FORMAT)
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -73,8 +75,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
+        if data.get("format") not in FORMATS:
+            raise ValueError(f"format is {data.get('format')!r}, not one of {', '.join(map(repr, FORMATS))}")
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"format_version {data['format_version']} is newer than this diffusiond reads")
         fields = dict(data)

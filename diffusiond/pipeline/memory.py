@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -24,6 +25,8 @@ from diffusiond.pipeline.observers import BatchObserver, NullBatchObserver
 log = logging.getLogger(__name__)
 
 Span = tuple[int, int]  # rows [start, end) of one owner
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+Rows = Any  # a tensor, or anything else that slices by rows (e.g. CrossAttentionKV)
 
 
 def release_cached_memory(device: torch.device) -> None:
@@ -49,20 +52,24 @@ class RowRunner:
 
     def run(
         self,
-        fn: Callable[..., torch.Tensor],
-        inputs: Sequence[torch.Tensor],
+        fn: Callable[..., Outputs],
+        inputs: Sequence[Rows],
         spans: Sequence[Span],
         key: Hashable,
         observer: BatchObserver | None = None,
-    ) -> list[torch.Tensor | None]:
-        """``fn(*inputs)`` split by ``spans``: one output per owner, None for an owner that did not fit."""
+    ) -> list[Outputs | None]:
+        """``fn(*inputs)`` split by ``spans``: one output per owner, None for an owner that did not fit.
+
+        ``inputs`` are row-stacked (anything sliceable by rows); ``fn`` returns a
+        tensor or a tuple of tensors, each with one row per input row.
+        """
         observer = observer or NullBatchObserver()
         n = inputs[0].shape[0]
         limit = self._limits.get(key)
         if limit is None or limit >= n:
             try:
                 out = fn(*inputs)
-                return [out[a:b] for a, b in spans]
+                return [_rows(out, a, b) for a, b in spans]
             except OutOfMemory:
                 release_cached_memory(self.device)
                 limit = self._shrink(key, n, observer)
@@ -77,16 +84,16 @@ class RowRunner:
 
     def _in_pieces(
         self,
-        fn: Callable[..., torch.Tensor],
-        inputs: Sequence[torch.Tensor],
+        fn: Callable[..., Outputs],
+        inputs: Sequence[Rows],
         spans: Sequence[Span],
         key: Hashable,
         limit: int,
         observer: BatchObserver,
-    ) -> list[torch.Tensor | None]:
+    ) -> list[Outputs | None]:
         n = inputs[0].shape[0]
         owner = [index for index, (a, b) in enumerate(spans) for _ in range(a, b)]
-        rows: list[torch.Tensor | None] = [None] * n
+        pieces: list[tuple[int, Outputs]] = []  # (first row, output rows)
         failed: set[int] = set()
         start = 0
         while start < n:
@@ -104,11 +111,31 @@ class RowRunner:
                 else:
                     limit = self._shrink(key, size, observer)
                 continue
-            rows[start : start + size] = out.split(1)
+            pieces.append((start, out))
             start += size
-        outputs: list[torch.Tensor | None] = []
+        outputs: list[Outputs | None] = []
         for index, (a, b) in enumerate(spans):
-            pieces = rows[a:b]
-            fits = index not in failed and all(p is not None for p in pieces)
-            outputs.append(torch.cat(pieces) if fits else None)  # type: ignore[arg-type]
+            parts = [(first, out) for first, out in pieces if first < b and first + _count(out) > a]
+            covered = sum(min(b, first + _count(out)) - max(a, first) for first, out in parts)
+            if index in failed or covered != b - a:
+                outputs.append(None)
+                continue
+            rows = [_rows(out, max(a, first) - first, min(b, first + _count(out)) - first) for first, out in parts]
+            outputs.append(_cat(rows))
         return outputs
+
+
+def _count(out: Outputs) -> int:
+    return (out[0] if isinstance(out, tuple) else out).shape[0]
+
+
+def _rows(out: Outputs, a: int, b: int) -> Outputs:
+    return tuple(t[a:b] for t in out) if isinstance(out, tuple) else out[a:b]
+
+
+def _cat(parts: list[Outputs]) -> Outputs:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(group) for group in zip(*parts))  # type: ignore[arg-type]
+    return torch.cat(parts)  # type: ignore[arg-type]

@@ -58,10 +58,17 @@ class BatchObserver(Protocol):
         """A call of ``network`` with ``rows`` batch rows ran out of memory and is retried smaller."""
         ...
 
+    def on_images_filtered(self, images: int) -> None:
+        """The safety checker withheld ``images`` finished images."""
+        ...
+
 
 class NullBatchObserver:
     def on_denoise_step(self, requests: int, images: int, seconds: float) -> None:
         pass
 
     def on_out_of_memory(self, network: str, rows: int) -> None:
+        pass
+
+    def on_images_filtered(self, images: int) -> None:
         pass

@@ -111,6 +111,14 @@ class GenerationRequest:
     @property
     def output_height(self) -> int:
         return self.hires.height if self.hires is not None else self.height
+    # Step caching: the full UNet every ``cache_interval`` steps, only its shallow blocks (those
+    # above ``cache_depth`` up blocks) in between; 1 runs the full UNet at every step (exact).
+    cache_interval: int = 1
+    cache_depth: int = 1
+
+    @property
+    def caches_steps(self) -> bool:
+        return self.cache_interval > 1
 
     @property
     def uses_guidance(self) -> bool:
@@ -157,6 +165,7 @@ class GenerationResult:
     seeds: list[int]
     timings: Timings
     warnings: list[str] = field(default_factory=list)
+    filtered: list[bool] = field(default_factory=list)  # per image: withheld by the safety checker (black)
 
     def images_uint8(self) -> np.ndarray:
         """The same rounding diffusers uses when it makes PIL images."""

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusiond.backends.base import Backend
+from diffusiond.backends.base import Backend, CachesDeepFeatures, CrossAttentionKV
 from diffusiond.errors import OutOfMemory, ResourceExhausted
 from diffusiond.models.config import ModelConfig
 from diffusiond.pipeline import conditioning as images_in
@@ -70,10 +70,13 @@ from diffusiond.pipeline.request import (
     Timings,
     Upscaler,
 )
+from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory, timesteps_for_strength
 from diffusiond.pipeline.text import PromptEncoder
 
 log = logging.getLogger(__name__)
+
+Context = torch.Tensor | CrossAttentionKV
 
 
 # Sizes whose all-white-mask conditioning (for rows without a mask on an inpainting UNet) is kept.
@@ -115,8 +118,8 @@ class RequestState:
     request: GenerationRequest
     observer: JobObserver
     generators: list[torch.Generator]  # one per image, seeded seed + i
-    cond: torch.Tensor  # [k, T, D] prompt encoding
-    uncond: torch.Tensor | None  # [k, T, D] negative prompt encoding; None without guidance
+    cond: Context  # [k, T, D] prompt encoding (or its cross-attention keys and values)
+    uncond: Context | None  # the negative prompt's; None without guidance
     current: Pass
     latents: torch.Tensor  # [k, C, h, w] on the backend's device, at the current pass's size
     total_steps: int  # every pass's steps
@@ -126,6 +129,7 @@ class RequestState:
     steps_done: int = 0  # over all passes
     started_at: float | None = None  # perf_counter() at its first step
     model_input: torch.Tensor | None = None  # the scaled latents of the step in progress
+    deep: torch.Tensor | None = None  # step caching: the UNet's deep features from its latest full pass
     error: BaseException | None = None  # set when it stops early; finish raises it
 
     @property
@@ -157,15 +161,41 @@ class RequestState:
         """The request's latent group for the pass in progress (a hi-res pass changes it)."""
         return (self.request.model, self.current.width, self.current.height)
 
+    @property
+    def unet_pass(self) -> UNetPass:
+        """Which UNet pass this step takes: step caching reuses deep features between full passes
+        (counted within each pass: a hi-res pass starts with a full one, its latents being larger)."""
+        request = self.request
+        if not request.caches_steps:
+            return UNetPass(PLAIN, 0)
+        if self.deep is None or (self.steps_done - self.current.first_step) % request.cache_interval == 0:
+            return UNetPass(FULL, request.cache_depth)
+        return UNetPass(SHALLOW, request.cache_depth)
+
+
+PLAIN, FULL, SHALLOW = "plain", "full", "shallow"
+
+
+@dataclass(frozen=True)
+class UNetPass:
+    kind: str  # PLAIN: the whole UNet; FULL: the whole UNet, keeping its deep features; SHALLOW: reusing them
+    depth: int  # up blocks the shallow pass runs (FULL, SHALLOW)
+
 
 class Text2ImagePipeline:
     def __init__(
-        self, backend: Backend, prompts: PromptEncoder, schedulers: SchedulerFactory, config: ModelConfig
+        self,
+        backend: Backend,
+        prompts: PromptEncoder,
+        schedulers: SchedulerFactory,
+        config: ModelConfig,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.backend = backend
         self.prompts = prompts
         self.schedulers = schedulers
         self.config = config
+        self.safety = safety  # when set, every image and preview image handed out is checked
         self._unet_rows = RowRunner("unet", backend.device)
         self._decode_rows = RowRunner("vae_decode", backend.device)
         self._encode_rows = RowRunner("vae_encode", backend.device)
@@ -275,8 +305,8 @@ class Text2ImagePipeline:
                 request=request,
                 observer=observer,
                 generators=generators,
-                cond=cond.expand(k, -1, -1),
-                uncond=None if uncond is None else uncond.expand(k, -1, -1),
+                cond=_repeat(cond, k),
+                uncond=None if uncond is None else _repeat(uncond, k),
                 current=first,
                 latents=latents,
                 total_steps=first.steps + self._hires_steps(request),
@@ -379,6 +409,7 @@ class Text2ImagePipeline:
             larger = images_in.resize_images(previews.to_uint8_images(decoded), spec.width, spec.height)
             pixels = torch.cat([images_in.pixels_to_tensor(p) for p in larger]).to(self.backend.device)
             clean = self._vae_encode(pixels, observer)
+        state.deep = None  # the first pass's deep features have the first pass's size
         state.current, state.latents, _ = self._begin_pass(
             state.request, state.generators, spec.width, spec.height, spec.steps, spec.strength, clean,
             state.steps_done,
@@ -408,14 +439,14 @@ class Text2ImagePipeline:
             self._full_mask[key] = cached
         return cached
 
-    def _encode(self, text: str, field_name: str, warnings: list[str]) -> torch.Tensor:
+    def _encode(self, text: str, field_name: str, warnings: list[str]) -> Context:
         encoding = self.prompts.encode(text)
         if encoding.truncated_tokens:
             warnings.append(
                 f"{field_name} was truncated: {encoding.truncated_tokens} tokens beyond the text "
                 f"encoder's limit of {self.config.text_max_length} were ignored"
             )
-        return encoding.hidden_states
+        return encoding.context
 
     # -- stage 2: step --------------------------------------------------------------------
 
@@ -442,29 +473,13 @@ class Text2ImagePipeline:
             if state.started_at is None:
                 state.started_at = now
 
-        # Model input: each state's latents scaled for its own timestep, twice with guidance.
-        samples, contexts, timesteps, spans = [], [], [], []
-        row = 0
+        # Model input: each state's latents scaled for its own timestep.
         for state in active:
-            t = state.timestep
-            state.model_input = state.scheduler.scale_model_input(state.latents, t)
-            unet_input = state.model_input
-            if state.current.conditioning is not None:  # an inpainting UNet: mask and masked-image latents
-                unet_input = torch.cat([unet_input, state.current.conditioning], dim=1)
-            halves = [state.cond] if state.uncond is None else [state.uncond, state.cond]
-            for context in halves:
-                samples.append(unet_input)
-                contexts.append(context)
-            timesteps.append(torch.full((state.rows,), float(t), dtype=torch.float32))
-            spans.append((row, row + state.rows))
-            row += state.rows
-        sample = torch.cat(samples)
-        context = torch.cat(contexts)
-        timestep = torch.cat(timesteps).to(sample.device)
+            state.model_input = state.scheduler.scale_model_input(state.latents, state.timestep)
 
-        # Noise prediction: one UNet call, a timestep per row.
+        # Noise prediction: one UNet call, a timestep per row (two with step caching: full and shallow passes).
         started = time.perf_counter()
-        outputs = self._unet_rows.run(self.backend.unet, (sample, timestep, context), spans, shapes.pop(), observer)
+        outputs = self._predict_noise(active, shapes.pop(), observer)
         observer.on_denoise_step(
             len(active), sum(s.request.num_images for s in active), time.perf_counter() - started
         )
@@ -478,6 +493,68 @@ class Text2ImagePipeline:
             except OutOfMemory:
                 release_cached_memory(self.backend.device)
                 state.error = self._does_not_fit(state.request, "its denoising step, preview or hi-res upscale")
+
+    def _predict_noise(
+        self, states: list[RequestState], latent_shape: tuple[int, ...], observer: BatchObserver
+    ) -> list[torch.Tensor | None]:
+        """The UNet's output rows of every state (negative prompt's rows first), None for one that does not fit.
+
+        All states share one call, except that under step caching the states
+        taking a shallow pass share another (they run other blocks).
+        """
+        passes = [state.unet_pass for state in states]
+        full = [p for p in passes if p.kind == FULL]
+        if full:  # plain rows ride along in a full pass; its deep features are simply not kept for them
+            passes = [full[0] if p.kind == PLAIN and p.depth == 0 else p for p in passes]
+        outputs: list[torch.Tensor | None] = [None] * len(states)
+        for unet_pass in dict.fromkeys(passes):
+            members = [i for i, p in enumerate(passes) if p == unet_pass]
+            results = self._run_unet([states[i] for i in members], unet_pass, latent_shape, observer)
+            for i, result in zip(members, results):
+                outputs[i] = result
+        return outputs
+
+    def _run_unet(
+        self, states: list[RequestState], unet_pass: UNetPass, latent_shape: tuple[int, ...], observer: BatchObserver
+    ) -> list[torch.Tensor | None]:
+        samples, contexts, timesteps, deep, spans = [], [], [], [], []
+        row = 0
+        for state in states:
+            halves = [state.cond] if state.uncond is None else [state.uncond, state.cond]
+            unet_input = state.model_input
+            if state.current.conditioning is not None:  # an inpainting UNet: mask and masked-image latents
+                unet_input = torch.cat([unet_input, state.current.conditioning], dim=1)
+            for context in halves:
+                samples.append(unet_input)
+                contexts.append(context)
+            timesteps.append(torch.full((state.rows,), float(state.timestep), dtype=torch.float32))
+            if unet_pass.kind == SHALLOW:
+                deep.append(state.deep)
+            spans.append((row, row + state.rows))
+            row += state.rows
+        sample = torch.cat(samples)
+        inputs = [sample, torch.cat(timesteps).to(sample.device), _cat_contexts(contexts), *_cat_deep(deep)]
+        key = (latent_shape, unet_pass)
+        if unet_pass.kind == PLAIN:
+            return self._unet_rows.run(self.backend.unet, inputs, spans, key, observer)
+        if not isinstance(self.backend, CachesDeepFeatures):
+            raise RuntimeError(f"backend {self.backend.name} cannot cache steps")  # the resolver refuses this first
+        depth = unet_pass.depth
+
+        def split(sample, timestep, context, deep=None):  # noqa: ANN001, ANN202 - the runner's row slices
+            return self.backend.unet_split(sample, timestep, context, depth, deep)
+
+        results = self._unet_rows.run(split, inputs, spans, key, observer)
+        outputs: list[torch.Tensor | None] = []
+        for state, result in zip(states, results):
+            if result is None:
+                outputs.append(None)
+                continue
+            output, features = result
+            if state.request.caches_steps and state.request.cache_depth == depth:
+                state.deep = features
+            outputs.append(output)
+        return outputs
 
     def _advance(self, state: RequestState, output: torch.Tensor, observer: BatchObserver) -> None:
         """Guidance, the state's own scheduler step (and inpainting blend), its progress event (with a
@@ -516,6 +593,8 @@ class Text2ImagePipeline:
                 if decoded is None:
                     raise OutOfMemory("a preview decode did not fit even one image at a time")
                 preview = previews.to_uint8_images(decoded)
+            if self.safety is not None and preview is not None and request.preview.kind is not PreviewKind.LATENT:
+                self.safety.blank_flagged(preview)  # a preview must not show what the result would withhold
         elapsed = time.perf_counter() - (state.started_at or 0.0)
         state.timings.denoise_s = elapsed
         state.observer.on_step(
@@ -566,6 +645,7 @@ class Text2ImagePipeline:
         init = state.request.init
         if init is not None and init.keep_unmasked and init.mask is not None:
             images = images_in.paste_unmasked(images, init.pixels, init.mask)
+        filtered = self._filter(state, images, observer or NullBatchObserver())
         timings = state.timings
         timings.decode_s = time.perf_counter() - started
         timings.total_s = timings.text_encode_s + timings.image_encode_s + timings.denoise_s + timings.decode_s
@@ -575,7 +655,23 @@ class Text2ImagePipeline:
             seeds=state.request.image_seeds(),
             timings=timings,
             warnings=state.warnings,
+            filtered=filtered,
         )
+
+    def _filter(self, state: RequestState, images: np.ndarray, observer: BatchObserver) -> list[bool]:
+        """Black out the images the safety checker flags (when there is one), and say so."""
+        if self.safety is None:
+            return [False] * len(images)
+        flagged = self.safety.blank_flagged(images)
+        if any(flagged):
+            withheld = [i for i, flag in enumerate(flagged) if flag]
+            log.info("req=%s: the safety checker withheld image(s) %s", state.request.request_id, withheld)
+            state.warnings.append(
+                f"image(s) {', '.join(map(str, withheld))} withheld: the safety checker flagged them; "
+                "they are black"
+            )
+            observer.on_images_filtered(len(withheld))
+        return flagged
 
     def _decode(self, latents: torch.Tensor, observer: BatchObserver) -> torch.Tensor | None:
         """VAE decode of scaled latents (fewer images per call if memory runs out); None if one alone fails."""
@@ -593,3 +689,20 @@ class Text2ImagePipeline:
             "try fewer images or a smaller size"
         )
 
+
+
+def _repeat(context: Context, rows: int) -> Context:
+    """A prompt's single-row encoding for each of a request's images."""
+    if isinstance(context, CrossAttentionKV):
+        return context.expand(rows)
+    return context.expand(rows, -1, -1)
+
+
+def _cat_contexts(contexts: list[Context]) -> Context:
+    if isinstance(contexts[0], CrossAttentionKV):
+        return CrossAttentionKV.cat(contexts)  # type: ignore[arg-type]
+    return torch.cat(contexts)  # type: ignore[arg-type]
+
+
+def _cat_deep(deep: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    return [torch.cat(deep)] if deep else []  # type: ignore[arg-type]

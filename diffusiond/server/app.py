@@ -3,7 +3,8 @@
 The server starts listening before its models are loaded, with health
 NOT_SERVING and Generate answering UNAVAILABLE, so orchestrators can tell
 "starting" from "dead". Once every model is loaded and warmed up, health turns
-SERVING. ``stop`` drains: NOT_SERVING, new calls refused with UNAVAILABLE,
+SERVING (health service ``liveness`` is SERVING all along, for liveness
+probes). ``stop`` drains: NOT_SERVING, new calls refused with UNAVAILABLE,
 accepted requests (queued and running) finish and their answers are sent
 within the grace period; what is left then ends with UNAVAILABLE.
 """
@@ -15,6 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
 from diffusiond.backends.base import BackendSettings
+from diffusiond.errors import MissingDependency
 from diffusiond.models.sources import ModelSource, resolve_model_dir
 from diffusiond.server import transport
 from diffusiond.server.auth import TokenStore
@@ -40,6 +43,9 @@ from diffusiond.service.result_cache import ResultCache
 
 log = logging.getLogger(__name__)
 
+# A health service name that is SERVING from the moment the server listens until it stops, loading and
+# draining included: a liveness probe checks it, so a loading or draining server is never restarted as broken.
+LIVENESS_SERVICE = "liveness"
 # After the grace period, how long aborted requests get to send their UNAVAILABLE.
 ABORT_GRACE_S = 2.0
 
@@ -67,12 +73,17 @@ class ServerSettings:
     result_cache_bytes: int = 0  # 0: no result cache
     metrics_host: str | None = None  # None: the gRPC host
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    http_host: str | None = None  # None: the gRPC host
+    http_port: int | None = None  # None: no HTTP gateway; 0: any free port
     # Authentication: name:token pairs from a file (re-read when it changes, and on SIGHUP) or as text.
     auth_tokens_file: str = ""
     auth_tokens_text: str = ""
     reflection: bool = True  # behind authentication when it is on
     tls: TlsSettings | None = None
     client_limits: ClientLimitSettings = field(default_factory=ClientLimitSettings)
+    safety_checker: str = ""  # a StableDiffusionSafetyChecker directory: every model's outputs are filtered
+    cache_interval: int = 1  # step caching for requests that leave it at 0 (1: off, exact)
+    cache_depth: int = 1
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -125,10 +136,13 @@ class DiffusionServer:
         self.service = GenerationService(self.registry, self.batcher, self.result_cache)
         self.calls = CallTracker()
         self.tokens = _token_store(settings)
+        self.client_limits = ClientLimits(settings.client_limits)  # one budget per client across both front doors
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._gateway: Any = None  # gateway.server.HttpGateway, imported only when --http-port asks for it
         self.metrics.watch_batcher(lambda: self.batcher.queue_depth, lambda: len(self.batcher.running))
         self.metrics.add_collector(
             CacheCollector(lambda: [(m.name, m.pipeline.prompts) for m in self.registry], self.result_cache)
@@ -154,7 +168,7 @@ class DiffusionServer:
             options=options,
             compression=transport.compression_named(settings.compression),
             interceptors=[
-                ServiceInterceptor(self.calls, self.metrics, self.tokens, ClientLimits(settings.client_limits))
+                ServiceInterceptor(self.calls, self.metrics, self.tokens, self.client_limits)
             ],
         )
         pb_grpc.add_DiffusionServicer_to_server(DiffusionServicer(self.service), server)
@@ -173,6 +187,7 @@ class DiffusionServer:
             raise OSError(f"could not bind {address}")
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server, self.port = server, port
         log.info(
@@ -182,7 +197,26 @@ class DiffusionServer:
         )
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
+        if settings.http_port is not None:
+            await self._start_gateway()
         return port
+
+    async def _start_gateway(self) -> None:
+        """The HTTP front door on the same service, tokens, limits and call tracking as gRPC."""
+        settings = self.settings
+        try:
+            from diffusiond.server.gateway.app import Gateway
+            from diffusiond.server.gateway.guard import Guard
+            from diffusiond.server.gateway.server import HttpGateway
+        except ImportError as exc:
+            raise MissingDependency(exc.name or "starlette", "the HTTP gateway (--http-port)", "server") from None
+        guard = Guard(self.calls, self.metrics, self.tokens, self.client_limits)
+        app = Gateway(self.service, guard, settings.max_receive_message_bytes).app()
+        host = settings.http_host or settings.host
+        self._gateway = HttpGateway(app, host, settings.http_port or 0, settings.tls)
+        self.http_port = await self._gateway.start()
+        scheme = "http" if settings.tls is None else "https"
+        log.info("HTTP gateway and web page on %s://%s:%d/", scheme, host, self.http_port)
 
     def reload_tokens(self) -> None:
         """Read the auth tokens file again (SIGHUP)."""
@@ -209,6 +243,9 @@ class DiffusionServer:
                 max_size=self.settings.max_size,
                 prompt_cache_size=self.settings.prompt_cache_size,
                 input_images=self.settings.input_images,
+                safety_checker=Path(self.settings.safety_checker) if self.settings.safety_checker else None,
+                default_cache_interval=self.settings.cache_interval,
+                default_cache_depth=self.settings.cache_depth,
             )
             if self.settings.warmup:
                 warm_up(model)
@@ -219,7 +256,8 @@ class DiffusionServer:
         grace = self.settings.grace_period_s if grace is None else grace
         log.info("shutting down: health NOT_SERVING, new calls refused, grace period %.1fs", grace)
         self.metrics.serving.set(0)
-        await self.health.enter_graceful_shutdown()
+        for service in ("", SERVICE_NAME):  # not LIVENESS_SERVICE: a draining server is not a broken one
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.service.draining = True
         self.batcher.stop_accepting()
         # Every accepted request has been answered once no RPC is in flight (queued, running, or sending).
@@ -230,6 +268,8 @@ class DiffusionServer:
             await self.calls.wait_idle(ABORT_GRACE_S)
         if self._server is not None:
             await self._server.stop(1.0 if finished else 0)
+        if self._gateway is not None:
+            await self._gateway.stop()
         await asyncio.to_thread(self.batcher.shutdown)
         self.registry.close()
         self.metrics.close()
@@ -262,6 +302,12 @@ class ServerThread:
     @property
     def address(self) -> str:
         return f"{self.server.settings.host}:{self.server.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP gateway's base URL (the server must run with ``http_port`` set)."""
+        settings = self.server.settings
+        return f"http://{settings.http_host or settings.host}:{self.server.http_port}"
 
     def stop(self, grace: float = 5.0) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(grace + 60)

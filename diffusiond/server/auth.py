@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from diffusiond.errors import FailedPrecondition
+from diffusiond.errors import FailedPrecondition, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +142,17 @@ def bearer_token(metadata: object) -> str | None:
                 return token.strip()
             return None
     return None
+
+
+def authenticate(tokens: TokenStore | None, headers: object, anonymous: str) -> str:
+    """The caller's name from its ``authorization`` header (gRPC metadata or HTTP headers, as
+    lower-case ``(key, value)`` pairs); ``anonymous`` when authentication is off."""
+    if tokens is None:
+        return anonymous
+    token = bearer_token(headers)
+    if token is None:
+        raise Unauthenticated("this server needs an 'authorization: Bearer <token>' header")
+    name = tokens.name_for(token)
+    if name is None:
+        raise Unauthenticated("the bearer token is not one this server knows")
+    return name

@@ -20,7 +20,7 @@ from diffusiond.service.batcher import QueuedInfo
 from diffusiond.service.image_inputs import HiresParams
 from diffusiond.service.models import LoadedModel
 from diffusiond.service.outputs import EncodedImage, EncodedResult, StartedEvent, StepEvent
-from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id
+from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id, step_cache_depths
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 
@@ -94,6 +94,8 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         mask_blur=msg.mask_blur,
         keep_unmasked=msg.keep_unmasked,
         hires=hires_from_proto(msg.hires) if msg.HasField("hires") else None,
+        cache_interval=msg.cache_interval,
+        cache_depth=msg.cache_depth,
     )
 
 
@@ -126,6 +128,8 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
             every_n_steps=params.preview.every_n_steps,
             max_size=params.preview.max_size,
         ),
+        cache_interval=params.cache_interval,
+        cache_depth=params.cache_depth,
     )
     if params.guidance_scale is not None:
         msg.guidance_scale = params.guidance_scale
@@ -151,7 +155,7 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
 
 def image_to_proto(image: EncodedImage) -> pb.Image:
     return pb.Image(data=image.data, mime_type=image.mime_type, width=image.width, height=image.height,
-                    seed=image.seed, index=image.index)
+                    seed=image.seed, index=image.index, filtered=image.filtered)
 
 
 def response_to_proto(result: EncodedResult) -> pb.GenerateResponse:
@@ -251,4 +255,7 @@ def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
             max_image_bytes=limits.input_images.max_bytes,
             max_image_pixels=limits.input_images.max_pixels,
         ),
+        step_cache_depths=step_cache_depths(model),
+        default_cache_interval=limits.default_cache_interval,
+        default_cache_depth=limits.default_cache_depth,
     )

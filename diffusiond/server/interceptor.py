@@ -32,17 +32,16 @@ import grpc
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.errors import InvalidArgument, Unauthenticated
-from diffusiond.server.auth import TokenStore, bearer_token
+from diffusiond.server.auth import TokenStore, authenticate
 from diffusiond.server.limits import ClientLimits, peer_address
 from diffusiond.server.metrics import ServerMetrics
-from diffusiond.server.status import status_for
+from diffusiond.server.status import describe_failure, status_for
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 LIMITED_METHODS = ("Generate", "StreamProgress")  # the calls that take a place in the queue
-MAX_MESSAGE_CHARS = 4000  # well under the 8 KB headers most clients accept
 ANONYMOUS = "-"
 
 
@@ -214,15 +213,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return request
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
-        if self.tokens is None:
-            return ANONYMOUS
-        token = bearer_token(context.invocation_metadata())
-        if token is None:
-            raise Unauthenticated("this server needs an 'authorization: Bearer <token>' header")
-        name = self.tokens.name_for(token)
-        if name is None:
-            raise Unauthenticated("the bearer token is not one this server knows")
-        return name
+        return authenticate(self.tokens, context.invocation_metadata(), ANONYMOUS)
 
     def _end(self, call: CallInfo) -> None:
         if call.limited_as is not None and self.limits is not None:
@@ -298,14 +289,6 @@ def _checked(request: Any, streaming_in: bool) -> Any:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, what: str, request_id: str) -> NoReturn:
-    code = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed with an internal error", what, exc_info=exc)
-        message = f"internal error while serving request {request_id}; the server log has details"
-    else:
-        message = str(exc)
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[:MAX_MESSAGE_CHARS] + "... (cut)"
-        log.info("%s -> %s: %s", what, code.name, message)
+    code, message = describe_failure(exc, what, request_id)
     await context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort raises

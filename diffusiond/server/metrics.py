@@ -80,6 +80,11 @@ class ServerMetrics:
             "(what: unet, vae_decode).",
             ["model", "what"], registry=r,
         )
+        self.filtered = Counter(
+            "diffusiond_images_filtered",
+            "Finished images the safety checker withheld (sent black, flagged in the response).",
+            ["model"], registry=r,
+        )
         self.serving = Gauge(
             "diffusiond_serving", "1 while health is SERVING; 0 while loading, warming up or draining.", registry=r
         )
@@ -112,6 +117,9 @@ class ServerMetrics:
 
     def out_of_memory(self, model: str, what: str, rows: int) -> None:
         self.oom.labels(model, what).inc()
+
+    def images_filtered(self, model: str, images: int) -> None:
+        self.filtered.labels(model).inc(images)
 
     # -- servicer -------------------------------------------------------------
 

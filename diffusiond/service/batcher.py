@@ -112,6 +112,8 @@ class BatcherMetrics(Protocol):
 
     def out_of_memory(self, model: str, what: str, rows: int) -> None: ...
 
+    def images_filtered(self, model: str, images: int) -> None: ...
+
 
 class NullBatcherMetrics:
     def request_started(self, model: str, queue_wait_s: float) -> None:
@@ -124,6 +126,9 @@ class NullBatcherMetrics:
         pass
 
     def out_of_memory(self, model: str, what: str, rows: int) -> None:
+        pass
+
+    def images_filtered(self, model: str, images: int) -> None:
         pass
 
 
@@ -139,6 +144,9 @@ class _ModelMetrics:
 
     def on_out_of_memory(self, network: str, rows: int) -> None:
         self._metrics.out_of_memory(self._model, network, rows)
+
+    def on_images_filtered(self, images: int) -> None:
+        self._metrics.images_filtered(self._model, images)
 
 
 class EventChannel:

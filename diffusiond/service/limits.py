@@ -24,6 +24,8 @@ class ModelLimits:
     max_prompt_chars: int = 4096
     max_preview_size: int = 4096
     input_images: ImageLimits = ImageLimits()  # init and mask images, each (the server's --max-input-* flags)
+    default_cache_interval: int = 1  # step caching off unless a request or the server asks
+    default_cache_depth: int = 1
 
     @classmethod
     def for_model(cls, config: ModelConfig, max_size: int = 2048, size_multiple: int | None = None,

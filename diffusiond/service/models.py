@@ -14,6 +14,7 @@ from diffusiond.backends import registry as backends
 from diffusiond.backends.base import Backend, BackendSettings
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
+from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
@@ -78,8 +79,12 @@ def load_model(
     max_size: int = 2048,
     prompt_cache_size: int = 256,
     input_images: ImageLimits | None = None,
+    safety_checker: Path | None = None,
+    default_cache_interval: int = 1,
+    default_cache_depth: int = 1,
 ) -> LoadedModel:
-    """Load a model directory onto a backend and wrap it in the shared pipeline."""
+    """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
+    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch)."""
     config = load_model_config(model_dir)
     if config.inpainting_unet and not config.has_vae_encoder:
         raise FailedPrecondition(
@@ -89,8 +94,12 @@ def load_model(
     tokenizer = load_tokenizer(model_dir)
     backend = backends.create_backend(backend_name, model_dir, settings or BackendSettings())
     prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
-    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config)
-    limits = ModelLimits.for_model(config, max_size=max_size, input_images=input_images or ImageLimits())
+    safety = SafetyChecker.load(safety_checker, backend.device) if safety_checker is not None else None
+    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config, safety)
+    limits = ModelLimits.for_model(
+        config, max_size=max_size, input_images=input_images or ImageLimits(),
+        default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth,
+    )
     model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
     support = model.image_support
     log.info(
@@ -100,6 +109,8 @@ def load_model(
         f"img2img, inpainting by {support.inpainting_method}, hi-res" if support.img2img
         else "hi-res (latent upscaler) only: no VAE encoder",
     )
+    if default_cache_interval > 1:  # the server's default must work for this model
+        resolve(GenerationParams(prompt="check", request_id="startup"), model)
     return model
 
 

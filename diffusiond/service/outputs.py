@@ -32,6 +32,7 @@ class EncodedImage:
     height: int
     seed: int  # the seed that reproduces this image alone
     index: int  # its position in the request
+    filtered: bool = False  # withheld by the safety checker: the pixels are black
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def png_parameters(request: GenerationRequest, seed: int) -> str:
     settings = (
         f"Steps: {request.steps}, Sampler: {request.scheduler}, CFG scale: {request.guidance_scale:g}, "
         f"Seed: {seed}, Size: {request.width}x{request.height}, Model: {request.model}"
+        + (f", Step cache: every {request.cache_interval} at depth {request.cache_depth}" if request.caches_steps else "")
     )
     if request.init is not None:
         settings += f", Denoising strength: {request.init.strength:g}"
@@ -93,7 +95,8 @@ def png_parameters(request: GenerationRequest, seed: int) -> str:
 def encode_result(result: GenerationResult, backend: str) -> EncodedResult:
     request = result.request
     images = []
-    for index, (pixels, seed) in enumerate(zip(result.images_uint8(), result.seeds)):
+    filtered = result.filtered or [False] * len(result.seeds)
+    for index, (pixels, seed, withheld) in enumerate(zip(result.images_uint8(), result.seeds, filtered)):
         text = {"parameters": png_parameters(request, seed)} if request.output_format is ImageFormat.PNG else None
         images.append(
             EncodedImage(
@@ -103,6 +106,7 @@ def encode_result(result: GenerationResult, backend: str) -> EncodedResult:
                 height=request.output_height,
                 seed=seed,
                 index=index,
+                filtered=withheld,
             )
         )
     return EncodedResult(

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from diffusiond.backends.base import CachesDeepFeatures
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.pipeline.previews import SD_LATENT_RGB
 from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec, Upscaler
@@ -60,6 +61,8 @@ class GenerationParams:
     output_format: ImageFormat = ImageFormat.PNG
     quality: int = 0
     preview: PreviewParams = field(default_factory=PreviewParams)
+    cache_interval: int = 0
+    cache_depth: int = 0
     request_id: str = ""
     client: str = ""  # who asked (an auth token's name), for logs; not part of the request itself
     # Image inputs (img2img, inpainting) as encoded bytes, and a hi-res pass; see ``image_inputs``.
@@ -157,6 +160,13 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         )
 
     hires = None if params.hires is None else image_inputs.hires_spec(params.hires, width, height, steps, limits)
+    if preview_kind is PreviewKind.LATENT and model.pipeline.safety is not None:
+        raise FailedPrecondition(
+            "preview.kind: this server filters images with a safety checker, and raw latents would bypass it; "
+            "use PREVIEW_KIND_APPROX_RGB or PREVIEW_KIND_FULL"
+        )
+
+    cache_interval, cache_depth = _step_cache(params, model)
     scheduler = model.schedulers.resolve(params.scheduler)
     init = None
     if decoded is not None:
@@ -179,6 +189,8 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         preview=PreviewSpec(preview_kind, preview_every, params.preview.max_size),
         init=init,
         hires=hires,
+        cache_interval=cache_interval,
+        cache_depth=cache_depth,
     )
 
 
@@ -195,3 +207,29 @@ def check_image_support(params: GenerationParams, model: LoadedModel) -> None:
             f"{needs_encoder[0]}: model {model.name!r} has no VAE encoder (its export left out vae_encoder/), "
             "which image inputs need; re-export it with the encoder"
         )
+
+
+def step_cache_depths(model: LoadedModel) -> tuple[int, ...]:
+    """The step-cache depths ``model``'s backend can run (empty: it cannot cache steps)."""
+    backend = model.backend
+    return tuple(backend.step_cache_depths()) if isinstance(backend, CachesDeepFeatures) else ()
+
+
+def _step_cache(params: GenerationParams, model: LoadedModel) -> tuple[int, int]:
+    limits = model.limits
+    interval = params.cache_interval or limits.default_cache_interval
+    depth = params.cache_depth or limits.default_cache_depth
+    require_range("cache_interval", interval, 1, limits.max_steps)
+    if params.cache_depth < 0:
+        raise InvalidArgument("cache_depth", f"must not be negative, got {params.cache_depth}")
+    if interval == 1:
+        return 1, depth
+    depths = step_cache_depths(model)
+    if not depths:
+        raise FailedPrecondition(
+            f"cache_interval: model {model.name!r} runs on the {model.backend.name} backend, which cannot cache "
+            "steps; use cache_interval 1 (or 0 for the server's default)"
+        )
+    if depth not in depths:
+        raise InvalidArgument("cache_depth", f"must be one of {', '.join(map(str, depths))} for this model, got {depth}")
+    return interval, depth

@@ -33,7 +33,8 @@ def result_key(request: GenerationRequest, model: LoadedModel) -> ResultKey:
         model.name, model.source, backend.name, str(backend.device), backend.dtype_name,
         request.prompt, request.negative_prompt, request.width, request.height, request.steps,
         request.guidance_scale, request.seed, request.num_images, request.scheduler,
-        request.output_format.value, request.quality,
+        request.output_format.value, request.quality, request.cache_interval,
+        request.cache_depth if request.caches_steps else 0,
         request.init,  # strength, mask options and the digest of the image bytes (not the pixels)
         request.hires,
     )

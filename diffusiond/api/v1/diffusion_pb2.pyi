@@ -86,7 +86,7 @@ class PreviewOptions(_message.Message):
     def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., every_n_steps: _Optional[int] = ..., max_size: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "init_image", "strength", "mask_image", "mask_blur", "keep_unmasked", "hires")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "init_image", "strength", "mask_image", "mask_blur", "keep_unmasked", "hires", "cache_interval", "cache_depth")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,8 @@ class GenerateRequest(_message.Message):
     MASK_BLUR_FIELD_NUMBER: _ClassVar[int]
     KEEP_UNMASKED_FIELD_NUMBER: _ClassVar[int]
     HIRES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -127,23 +129,27 @@ class GenerateRequest(_message.Message):
     mask_blur: int
     keep_unmasked: bool
     hires: HiresOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., keep_unmasked: _Optional[bool] = ..., hires: _Optional[_Union[HiresOptions, _Mapping]] = ...) -> None: ...
+    cache_interval: int
+    cache_depth: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., keep_unmasked: _Optional[bool] = ..., hires: _Optional[_Union[HiresOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("data", "mime_type", "width", "height", "seed", "index")
+    __slots__ = ("data", "mime_type", "width", "height", "seed", "index", "filtered")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    FILTERED_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     mime_type: str
     width: int
     height: int
     seed: int
     index: int
-    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+    filtered: bool
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., filtered: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_s", "text_encode_s", "denoise_s", "decode_s", "total_s", "image_encode_s")
@@ -248,7 +254,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs")
+    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +275,9 @@ class ModelInfo(_message.Message):
     LATENT_SCALING_FACTOR_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_CACHE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     source: str
@@ -289,7 +298,10 @@ class ModelInfo(_message.Message):
     latent_scaling_factor: float
     is_default: bool
     image_inputs: ImageInputSupport
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ...) -> None: ...
+    step_cache_depths: _containers.RepeatedScalarFieldContainer[int]
+    default_cache_interval: int
+    default_cache_depth: int
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ...) -> None: ...
 
 class ImageInputSupport(_message.Message):
     __slots__ = ("img2img", "inpainting", "inpainting_method", "hires", "max_image_bytes", "max_image_pixels")

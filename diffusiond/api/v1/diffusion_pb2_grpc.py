@@ -38,7 +38,10 @@ class DiffusionStub:
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
     (e.g. a preview kind its latents do not support, or
-    image inputs on an export without a VAE encoder).
+    image inputs on an export without a VAE encoder, or
+    latent previews on a server that filters content).
+    UNAUTHENTICATED     the server requires a bearer token (authorization
+    metadata) and the call has none, or an unknown one.
     UNAVAILABLE         the server is loading or shutting down.
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran out of time;
     its denoising stops at the next step.
@@ -80,7 +83,10 @@ class DiffusionServicer:
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
     (e.g. a preview kind its latents do not support, or
-    image inputs on an export without a VAE encoder).
+    image inputs on an export without a VAE encoder, or
+    latent previews on a server that filters content).
+    UNAUTHENTICATED     the server requires a bearer token (authorization
+    metadata) and the call has none, or an unknown one.
     UNAVAILABLE         the server is loading or shutting down.
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran out of time;
     its denoising stops at the next step.
@@ -148,7 +154,10 @@ class Diffusion:
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
     (e.g. a preview kind its latents do not support, or
-    image inputs on an export without a VAE encoder).
+    image inputs on an export without a VAE encoder, or
+    latent previews on a server that filters content).
+    UNAUTHENTICATED     the server requires a bearer token (authorization
+    metadata) and the call has none, or an unknown one.
     UNAVAILABLE         the server is loading or shutting down.
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran out of time;
     its denoising stops at the next step.
