@@ -128,6 +128,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
                           help="filter every image with diffusers' StableDiffusionSafetyChecker from DIR (a checker "
                           "directory, or a model directory with safety_checker/ and feature_extractor/): flagged "
                           "images are sent black and marked")
+    parser.add_argument("--preview-decoder", action="append", default=None, metavar="[MODEL=]DIR",
+                        help="a tiny preview decoder (diffusers AutoencoderTiny, e.g. TAESD) for MODEL (default: the "
+                        "first --model) for PREVIEW_KIND_TINY_DECODER previews; a model directory's own "
+                        "preview_decoder/ is used without this flag; repeat for several models")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
@@ -151,6 +155,18 @@ def backend_settings_from_args(args: argparse.Namespace):
     )
 
 
+def _preview_decoders(specs: list[str], default_model: str) -> dict[str, str]:
+    """``--preview-decoder [MODEL=]DIR`` values -> {model: DIR}; without MODEL=, the first model's."""
+    decoders: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (default_model, spec)
+        if not path:
+            raise ValueError(f"--preview-decoder {spec!r}: give a directory, as [MODEL=]DIR")
+        decoders[name] = path
+    return decoders
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from diffusiond.errors import DiffusiondError
     from diffusiond.models.sources import ModelSource
@@ -164,10 +180,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        models = [ModelSource.parse(m) for m in (args.model or ["builtin"])]
         settings = ServerSettings(
             host=args.host,
             port=args.port,
-            models=[ModelSource.parse(m) for m in (args.model or ["builtin"])],
+            models=models,
             backend=args.backend,
             backend_settings=backend_settings_from_args(args),
             batcher=BatcherSettings(
@@ -200,6 +217,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 max_inflight=args.per_client_max_inflight, rate=args.per_client_rate, burst=args.per_client_burst
             ),
             safety_checker=args.safety_checker,
+            preview_decoders=_preview_decoders(args.preview_decoder or [], models[0].name),
             cache_interval=args.cache_interval,
             cache_depth=args.cache_depth,
         )

@@ -1,0 +1,61 @@
+"""How much each preview kind looks like the final image, on the built-in model (or --model).
+
+    .venv/bin/python bench/preview_fidelity.py [--model builtin] [--num-prompts 32]
+
+Prompt i of the held-out test split with seed i, the model's defaults; the last
+step's preview against the final image box-filtered to the preview's size
+(``diffusiond.eval.preview_fidelity``). APPROX_RGB is measured twice: with SD
+1.x's factors (what every model got before projections were fitted per model)
+and with the model's own projection. Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusiond.eval.preview_fidelity import measure  # noqa: E402
+from diffusiond.models.latent_rgb import SD_PROJECTION  # noqa: E402
+from diffusiond.models.sources import ModelSource, resolve_model_dir  # noqa: E402
+from diffusiond.pipeline.request import PreviewKind  # noqa: E402
+from diffusiond.service.models import load_model  # noqa: E402
+from diffusiond.training import dataset  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    args = parser.parse_args()
+    source = ModelSource.parse(args.model)
+    model = load_model(source.name, resolve_model_dir(source.location))
+    prompts = [scene.caption for scene in dataset.held_out_prompts(args.num_prompts)]
+    seeds = list(range(len(prompts)))
+    own = model.pipeline.latent_rgb
+    runs = [("APPROX_RGB, SD 1.x factors", PreviewKind.APPROX_RGB, SD_PROJECTION),
+            (f"APPROX_RGB, {own.source}", PreviewKind.APPROX_RGB, own)]
+    if model.pipeline.tiny_decoder is not None:
+        runs.append(("TINY_DECODER", PreviewKind.TINY_DECODER, own))
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| preview | size | PSNR (dB), mean | PSNR, worst | mean abs error (levels) |")
+    print("|---|---|---:|---:|---:|")
+    for label, kind, projection in runs:
+        model.pipeline.latent_rgb = projection
+        results = measure(model, prompts, seeds, kind)
+        ratios = np.array([r.psnr_db for r in results])
+        errors = np.array([r.mean_abs_error for r in results])
+        width, height = results[0].preview_size
+        print(f"| {label} | {width}x{height} | {ratios.mean():.1f} | {ratios.min():.1f} | {errors.mean():.1f} |")
+    model.pipeline.latent_rgb = own
+    model.backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
