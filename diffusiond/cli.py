@@ -480,6 +480,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = 
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
     parser.add_argument("--clip-model", default="", metavar="DIR",
                         help="a local CLIP model directory: also report CLIP score")
+    parser.add_argument("--fid", action="store_true",
+                        help="also FID against --reference (default: real renders of the same scenes); without "
+                        "--inception-weights its features come from the built-in VAE encoder, a stand-in not "
+                        "comparable to published FID")
+    parser.add_argument("--inception-weights", default="", metavar="FILE",
+                        help="a local TorchScript Inception-v3 (inception-2015-12-05.pt): standard FID and Inception "
+                        "Score (implies --fid; nothing is downloaded)")
+    parser.add_argument("--reference", default="", metavar="DIR", help="reference images for FID")
     parser.add_argument("--save-images", default="", metavar="DIR", help="write the images and a contact sheet here")
     parser.add_argument("--out", default="", metavar="REPORT.json", help="write the full report (every prompt) here")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -500,6 +508,7 @@ def run_eval(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts, split=args.split, steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, clip_model=args.clip_model,
         save_images=args.save_images, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
+        fid=args.fid, inception_weights=args.inception_weights, reference=args.reference,
     )
 
     bar = Progress("prompts")
