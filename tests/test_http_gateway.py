@@ -173,7 +173,7 @@ def test_errors_are_json_with_the_grpc_code_and_its_http_status(gateway, raw, st
 
 
 def test_a_body_larger_than_a_grpc_request_may_be_is_refused(gateway):
-    limit = gateway.server.settings.max_receive_message_bytes
+    limit = gateway.server.settings.receive_limit_bytes
     reply = web.post(f"{gateway.http_url}/v1/generate", {"prompt": "x" * (limit + 1)})
     assert reply.status == 400 and str(limit) in reply.json()["error"]["message"]
 

@@ -216,7 +216,7 @@ class DiffusionServer:
         except ImportError as exc:
             raise MissingDependency(exc.name or "starlette", "the HTTP gateway (--http-port)", "server") from None
         guard = Guard(self.calls, self.metrics, self.tokens, self.client_limits)
-        app = Gateway(self.service, guard, settings.max_receive_message_bytes).app()
+        app = Gateway(self.service, guard, settings.receive_limit_bytes).app()
         host = settings.http_host or settings.host
         self._gateway = HttpGateway(app, host, settings.http_port or 0, settings.tls)
         self.http_port = await self._gateway.start()
