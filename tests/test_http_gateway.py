@@ -281,6 +281,8 @@ def test_models_mirror_list_models(gateway):
     models = json_format.ParseDict({"models": reply.json()["models"]}, pb.ListModelsResponse()).models
     assert [(m.name, m.default_width, m.default_steps, m.is_default) for m in models] == [("builtin", 64, 20, True)]
     assert reply.json()["data"][0]["id"] == "builtin"
+    # The web page offers these, the first (the model's best live preview) selected.
+    assert reply.json()["models"][0]["previewKinds"][:2] == ["PREVIEW_KIND_APPROX_RGB", "PREVIEW_KIND_FULL"]
 
 
 def test_health_and_readiness_follow_loading(builtin_dir):

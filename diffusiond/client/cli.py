@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -272,10 +273,17 @@ def run_models(args: argparse.Namespace) -> int:
             f"multiples of {m.size_multiple}), {m.default_steps} steps, guidance {m.default_guidance_scale:g}\n"
             f"  schedulers: {', '.join(m.schedulers)} (default {m.default_scheduler})\n"
             f"  image inputs: {_image_inputs(m.image_inputs)}\n"
+            + (f"  previews: {_preview_kinds(m.preview_kinds)} (the first is the best live preview)\n"
+               if m.preview_kinds else "")
             + (f"  step caching: depths {', '.join(map(str, m.step_cache_depths))} (default every "
                f"{m.default_cache_interval} at depth {m.default_cache_depth})\n" if m.step_cache_depths else "")
         )
     return 0
+
+
+def _preview_kinds(kinds: Iterable[int]) -> str:
+    names = {value: name for name, value in PREVIEWS.items()}
+    return ", ".join(names.get(kind, str(kind)) for kind in kinds)
 
 
 def _image_inputs(support: pb.ImageInputSupport) -> str:

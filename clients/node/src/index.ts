@@ -96,6 +96,8 @@ export interface ModelInfo {
   maxSteps: number;
   maxImages: number;
   isDefault: boolean;
+  /** The preview kinds the model serves, the best live preview first (empty from older servers). */
+  previewKinds: PreviewKind[];
 }
 
 export interface ClientOptions {
