@@ -487,7 +487,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = 
     parser.add_argument("--inception-weights", default="", metavar="FILE",
                         help="a local TorchScript Inception-v3 (inception-2015-12-05.pt): standard FID and Inception "
                         "Score (implies --fid; nothing is downloaded)")
-    parser.add_argument("--reference", default="", metavar="DIR", help="reference images for FID")
+    parser.add_argument("--reference", default="", metavar="DIR",
+                        help="reference images for FID (implies --fid; default: real renders of the same scenes)")
     parser.add_argument("--save-images", default="", metavar="DIR", help="write the images and a contact sheet here")
     parser.add_argument("--out", default="", metavar="REPORT.json", help="write the full report (every prompt) here")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

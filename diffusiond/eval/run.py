@@ -190,7 +190,8 @@ def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
     seconds = time.perf_counter() - started
     if image_dir is not None:
         _save_png(_contact_sheet(images), image_dir / "sheet.png")
-    fidelity = _fidelity(settings, scenes, images) if settings.fid or settings.inception_weights else None
+    wants_fid = settings.fid or bool(settings.inception_weights or settings.reference)
+    fidelity = _fidelity(settings, scenes, images) if wants_fid else None
 
     return EvalReport(
         settings=asdict(settings),
