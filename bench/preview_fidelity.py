@@ -1,6 +1,6 @@
 """How much each preview kind looks like the final image, on the built-in model (or --model).
 
-    .venv/bin/python bench/preview_fidelity.py [--model builtin] [--num-prompts 32]
+    .venv/bin/python bench/preview_fidelity.py [--model builtin] [--num-prompts 32] [--threads N]
 
 Prompt i of the held-out test split with seed i, the model's defaults; the last
 step's preview against the final image box-filtered to the preview's size
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,7 +33,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 on a busy machine avoids spinning threads)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     source = ModelSource.parse(args.model)
     model = load_model(source.name, resolve_model_dir(source.location))
     prompts = [scene.caption for scene in dataset.held_out_prompts(args.num_prompts)]
@@ -51,7 +56,8 @@ def main() -> int:
         ratios = np.array([r.psnr_db for r in results])
         errors = np.array([r.mean_abs_error for r in results])
         width, height = results[0].preview_size
-        print(f"| {label} | {width}x{height} | {ratios.mean():.1f} | {ratios.min():.1f} | {errors.mean():.1f} |")
+        print(f"| {label} | {width}x{height} | {ratios.mean():.1f} | {ratios.min():.1f} | {errors.mean():.1f} |",
+              flush=True)
     model.pipeline.latent_rgb = own
     model.backend.close()
     return 0
