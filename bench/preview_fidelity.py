@@ -4,9 +4,9 @@
 
 Prompt i of the held-out test split with seed i, the model's defaults; the last
 step's preview against the final image box-filtered to the preview's size
-(``diffusiond.eval.preview_fidelity``). APPROX_RGB is measured twice: with SD
-1.x's factors (what every model got before projections were fitted per model)
-and with the model's own projection. Prints a Markdown table for BENCHMARKS.md.
+(``diffusiond.eval.preview_fidelity``). APPROX_RGB is measured twice, on the
+same generations: with SD 1.x's factors (what every model got before
+projections were fitted per model) and with the model's own projection. Prints a Markdown table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusiond.eval.preview_fidelity import measure  # noqa: E402
+from diffusiond.eval.preview_fidelity import compare_projections, measure  # noqa: E402
 from diffusiond.models.latent_rgb import SD_PROJECTION  # noqa: E402
 from diffusiond.models.sources import ModelSource, resolve_model_dir  # noqa: E402
 from diffusiond.pipeline.request import PreviewKind  # noqa: E402
@@ -43,22 +43,20 @@ def main() -> int:
     prompts = [scene.caption for scene in dataset.held_out_prompts(args.num_prompts)]
     seeds = list(range(len(prompts)))
     own = model.pipeline.latent_rgb
-    runs = [("APPROX_RGB, SD 1.x factors", PreviewKind.APPROX_RGB, SD_PROJECTION),
-            (f"APPROX_RGB, {own.source}", PreviewKind.APPROX_RGB, own)]
-    if model.pipeline.tiny_decoder is not None:
-        runs.append(("TINY_DECODER", PreviewKind.TINY_DECODER, own))
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| preview | size | PSNR (dB), mean | PSNR, worst | mean abs error (levels) |")
-    print("|---|---|---:|---:|---:|")
-    for label, kind, projection in runs:
-        model.pipeline.latent_rgb = projection
-        results = measure(model, prompts, seeds, kind)
+    print("|---|---|---:|---:|---:|", flush=True)
+    # One generation per prompt serves both projections: the same clean latents, the same final image.
+    runs = compare_projections(model, prompts, seeds, {"APPROX_RGB, SD 1.x factors": SD_PROJECTION,
+                                                      f"APPROX_RGB, {own.source}": own})
+    if model.pipeline.tiny_decoder is not None:
+        runs["TINY_DECODER"] = measure(model, prompts, seeds, PreviewKind.TINY_DECODER)
+    for label, results in runs.items():
         ratios = np.array([r.psnr_db for r in results])
         errors = np.array([r.mean_abs_error for r in results])
         width, height = results[0].preview_size
         print(f"| {label} | {width}x{height} | {ratios.mean():.1f} | {ratios.min():.1f} | {errors.mean():.1f} |",
               flush=True)
-    model.pipeline.latent_rgb = own
     model.backend.close()
     return 0
 

@@ -9,13 +9,15 @@ mean absolute error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 from diffusiond.eval.compare import psnr
+from diffusiond.models.latent_rgb import LatentRGB
 from diffusiond.pipeline.observers import NullObserver
 from diffusiond.pipeline.request import PreviewKind, StepInfo
 from diffusiond.service.models import LoadedModel
@@ -52,17 +54,60 @@ def measure(
     """The last step's ``kind`` preview against the final image, for each (prompt, seed)."""
     results = []
     for prompt, seed in zip(prompts, seeds):
-        params = GenerationParams(prompt=prompt, seed=seed, steps=steps, request_id=f"preview-{seed}",
-                                  preview=PreviewParams(kind, every_n_steps=model.limits.max_steps))  # the last only
-        request = resolve(params, model)
         observer = _LastPreview()
-        result = model.pipeline.generate(request, observer)
+        final = model.pipeline.generate(_last_preview_request(model, prompt, seed, kind, steps), observer)
         if observer.preview is None:
             raise RuntimeError(f"no {kind.value} preview came with the last step")
-        preview = observer.preview[0]
-        final = result.images_uint8()[0]
-        height, width = preview.shape[:2]
-        target = downscale(final, width, height)
-        error = float(np.abs(preview.astype(np.float64) - target).mean())
-        results.append(PreviewFidelity(prompt, seed, psnr(preview, target), error, (width, height)))
+        results.append(_fidelity(prompt, seed, observer.preview[0], final.images_uint8()[0]))
     return results
+
+
+def compare_projections(
+    model: LoadedModel, prompts: Sequence[str], seeds: Sequence[int], projections: Mapping[str, LatentRGB],
+    steps: int = 0,
+) -> dict[str, list[PreviewFidelity]]:
+    """Like ``measure`` for APPROX_RGB, for several projections at the cost of one generation per prompt:
+    the last step's predicted clean latents go through each projection, against the same final image."""
+    own = model.pipeline.latent_rgb
+    recorder = _Recording(own)
+    model.pipeline.latent_rgb = recorder  # type: ignore[assignment]  # projects as ``own`` does, and keeps the input
+    results: dict[str, list[PreviewFidelity]] = {name: [] for name in projections}
+    try:
+        for prompt, seed in zip(prompts, seeds):
+            recorder.latents = None
+            request = _last_preview_request(model, prompt, seed, PreviewKind.APPROX_RGB, steps)
+            final = model.pipeline.generate(request, NullObserver()).images_uint8()[0]
+            if recorder.latents is None:
+                raise RuntimeError("no APPROX_RGB preview came with the last step")
+            for name, projection in projections.items():
+                results[name].append(_fidelity(prompt, seed, projection.project(recorder.latents[:1])[0], final))
+    finally:
+        model.pipeline.latent_rgb = own
+    return results
+
+
+class _Recording:
+    """Stands in for a model's projection: projects as ``inner`` does and keeps the latents it was given."""
+
+    def __init__(self, inner: LatentRGB) -> None:
+        self.inner = inner
+        self.channels = inner.channels
+        self.source = inner.source
+        self.latents: torch.Tensor | None = None
+
+    def project(self, latents: torch.Tensor) -> np.ndarray:
+        self.latents = latents.detach().float().cpu().clone()
+        return self.inner.project(latents)
+
+
+def _last_preview_request(model: LoadedModel, prompt: str, seed: int, kind: PreviewKind, steps: int):
+    params = GenerationParams(prompt=prompt, seed=seed, steps=steps, request_id=f"preview-{seed}",
+                              preview=PreviewParams(kind, every_n_steps=model.limits.max_steps))  # the last only
+    return resolve(params, model)
+
+
+def _fidelity(prompt: str, seed: int, preview: np.ndarray, final: np.ndarray) -> PreviewFidelity:
+    height, width = preview.shape[:2]
+    target = downscale(final, width, height)
+    error = float(np.abs(preview.astype(np.float64) - target).mean())
+    return PreviewFidelity(prompt, seed, psnr(preview, target), error, (width, height))
