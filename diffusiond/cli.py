@@ -128,6 +128,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
                           help="filter every image with diffusers' StableDiffusionSafetyChecker from DIR (a checker "
                           "directory, or a model directory with safety_checker/ and feature_extractor/): flagged "
                           "images are sent black and marked")
+    parser.add_argument("--preview-decoder", action="append", default=None, metavar="[MODEL=]DIR",
+                        help="a tiny preview decoder (diffusers AutoencoderTiny, e.g. TAESD) for MODEL (default: the "
+                        "first --model) for PREVIEW_KIND_TINY_DECODER previews; a model directory's own "
+                        "preview_decoder/ is used without this flag; repeat for several models")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation at start")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
@@ -151,6 +155,18 @@ def backend_settings_from_args(args: argparse.Namespace):
     )
 
 
+def _preview_decoders(specs: list[str], default_model: str) -> dict[str, str]:
+    """``--preview-decoder [MODEL=]DIR`` values -> {model: DIR}; without MODEL=, the first model's."""
+    decoders: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (default_model, spec)
+        if not path:
+            raise ValueError(f"--preview-decoder {spec!r}: give a directory, as [MODEL=]DIR")
+        decoders[name] = path
+    return decoders
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from diffusiond.errors import DiffusiondError
     from diffusiond.models.sources import ModelSource
@@ -164,10 +180,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        models = [ModelSource.parse(m) for m in (args.model or ["builtin"])]
         settings = ServerSettings(
             host=args.host,
             port=args.port,
-            models=[ModelSource.parse(m) for m in (args.model or ["builtin"])],
+            models=models,
             backend=args.backend,
             backend_settings=backend_settings_from_args(args),
             batcher=BatcherSettings(
@@ -200,6 +217,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 max_inflight=args.per_client_max_inflight, rate=args.per_client_rate, burst=args.per_client_burst
             ),
             safety_checker=args.safety_checker,
+            preview_decoders=_preview_decoders(args.preview_decoder or [], models[0].name),
             cache_interval=args.cache_interval,
             cache_depth=args.cache_depth,
         )
@@ -462,6 +480,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = 
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
     parser.add_argument("--clip-model", default="", metavar="DIR",
                         help="a local CLIP model directory: also report CLIP score")
+    parser.add_argument("--fid", action="store_true",
+                        help="also FID against --reference (default: real renders of the same scenes); without "
+                        "--inception-weights its features come from the built-in VAE encoder, a stand-in not "
+                        "comparable to published FID")
+    parser.add_argument("--inception-weights", default="", metavar="FILE",
+                        help="a local TorchScript Inception-v3 (inception-2015-12-05.pt): standard FID and Inception "
+                        "Score (implies --fid; nothing is downloaded)")
+    parser.add_argument("--reference", default="", metavar="DIR",
+                        help="reference images for FID (implies --fid; default: real renders of the same scenes)")
     parser.add_argument("--save-images", default="", metavar="DIR", help="write the images and a contact sheet here")
     parser.add_argument("--out", default="", metavar="REPORT.json", help="write the full report (every prompt) here")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -482,6 +509,7 @@ def run_eval(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts, split=args.split, steps=args.steps, guidance_scale=args.guidance,
         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, clip_model=args.clip_model,
         save_images=args.save_images, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
+        fid=args.fid, inception_weights=args.inception_weights, reference=args.reference,
     )
 
     bar = Progress("prompts")

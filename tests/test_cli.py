@@ -41,6 +41,7 @@ def test_models_command(server, capsys):
     assert main(["models", "--server", server.address]) == 0
     out = capsys.readouterr().out
     assert "builtin (default): torch on cpu (fp32)" in out and "euler_a" in out
+    assert "previews: approx_rgb, full, latent (the first is the best live preview)" in out
 
 
 def test_generate_from_an_init_image_with_a_mask(server, tmp_path, capsys):

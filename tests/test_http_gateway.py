@@ -173,7 +173,7 @@ def test_errors_are_json_with_the_grpc_code_and_its_http_status(gateway, raw, st
 
 
 def test_a_body_larger_than_a_grpc_request_may_be_is_refused(gateway):
-    limit = gateway.server.settings.max_receive_message_bytes
+    limit = gateway.server.settings.receive_limit_bytes
     reply = web.post(f"{gateway.http_url}/v1/generate", {"prompt": "x" * (limit + 1)})
     assert reply.status == 400 and str(limit) in reply.json()["error"]["message"]
 
@@ -281,6 +281,8 @@ def test_models_mirror_list_models(gateway):
     models = json_format.ParseDict({"models": reply.json()["models"]}, pb.ListModelsResponse()).models
     assert [(m.name, m.default_width, m.default_steps, m.is_default) for m in models] == [("builtin", 64, 20, True)]
     assert reply.json()["data"][0]["id"] == "builtin"
+    # The web page offers these, the first (the model's best live preview) selected.
+    assert reply.json()["models"][0]["previewKinds"][:2] == ["PREVIEW_KIND_APPROX_RGB", "PREVIEW_KIND_FULL"]
 
 
 def test_health_and_readiness_follow_loading(builtin_dir):

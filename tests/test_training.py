@@ -79,6 +79,8 @@ def test_exported_model_serves_and_evaluates(straight, tmp_path):
     model = load_model("micro", out)
     assert model.schedulers.default_name == "dpmpp_2m"
     assert model.limits.default_guidance_scale == MICRO.default_guidance_scale
+    # APPROX_RGB previews use the projection fitted to this VAE at export, not SD's factors.
+    assert model.pipeline.latent_rgb.source == "least squares over 256 training renders decoded by this VAE"
 
     report = evaluate(EvalSettings(model=f"micro={out}", num_prompts=3, steps=2, batch_size=2,
                                    save_images=str(tmp_path / "images")))

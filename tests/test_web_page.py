@@ -93,6 +93,10 @@ def test_type_a_prompt_click_generate_watch_previews_get_the_image(page_server, 
     browser.get(f"{page_server.http_url}/")
     wait.until(lambda d: len(Select(d.find_element(By.ID, "scheduler")).options) > 1)  # the models arrived
     assert Select(browser.find_element(By.ID, "size")).first_selected_option.get_attribute("value") == "64x64"
+    preview = Select(browser.find_element(By.ID, "preview-kind"))  # the model's kinds, less raw latents
+    assert [o.get_attribute("value") for o in preview.options] == [
+        "PREVIEW_KIND_APPROX_RGB", "PREVIEW_KIND_FULL", "PREVIEW_KIND_UNSPECIFIED"]
+    assert preview.first_selected_option.get_attribute("value") == "PREVIEW_KIND_APPROX_RGB"
     browser.execute_script(RECORDER)
 
     browser.find_element(By.ID, "prompt").send_keys("a large red circle on a blue background, top left")

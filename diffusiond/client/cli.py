@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -28,6 +29,8 @@ from diffusiond.client.client import (
 from diffusiond.client.progress import Progress
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+AUTO_PREVIEW = "auto"
+FALLBACK_PREVIEW = "approx_rgb"  # for servers whose ModelInfo lists no preview kinds
 TOKEN_ENV = "DIFFUSIOND_TOKEN"
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 FORMAT_OF_EXTENSION = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -52,8 +55,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "the format's is added); several images get -0, -1, ... suffixes")
     parser.add_argument("--stream", action="store_true", help="show progress and ETA while the image forms")
     parser.add_argument("--preview-dir", default=None, help="with --stream: save preview images here")
-    parser.add_argument("--preview", default="approx_rgb", choices=[k for k in PREVIEWS if k != "none"],
-                        help="preview kind saved with --preview-dir")
+    parser.add_argument("--preview", default=AUTO_PREVIEW, choices=[AUTO_PREVIEW, *(k for k in PREVIEWS if k != "none")],
+                        help="preview kind saved with --preview-dir (default auto: the best the model has, from "
+                        "its ModelInfo.preview_kinds)")
     parser.add_argument("--preview-every", type=int, default=1, help="a preview every N steps")
     images = parser.add_argument_group("image inputs (README: Images in)")
     images.add_argument("--init-image", default=None, metavar="FILE",
@@ -134,6 +138,14 @@ def output_paths(out: Path, images: list[GeneratedImage]) -> list[Path]:
     return paths
 
 
+def best_preview_kind(client: DiffusionClient, model: str, timeout: float | None) -> int:
+    """The first of the model's ``preview_kinds`` (its best live preview); APPROX_RGB when it lists none."""
+    for info in client.list_models(timeout=timeout):
+        if (info.name == model if model else info.is_default) and info.preview_kinds:
+            return info.preview_kinds[0]
+    return PREVIEWS[FALLBACK_PREVIEW]
+
+
 def _save_previews(step: pb.Step, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for image in step.previews:
@@ -189,7 +201,9 @@ def run_generate(args: argparse.Namespace) -> int:
             output_format=image_format,
             quality=args.quality,
             model=args.model,
-            preview=args.preview if (args.stream and args.preview_dir) else "none",
+            preview="none" if not (args.stream and args.preview_dir) else (
+                FALLBACK_PREVIEW if args.preview == AUTO_PREVIEW else args.preview
+            ),
             preview_every=args.preview_every,
             init_image=_read(args.init_image, "--init-image"),
             strength=args.strength,
@@ -209,6 +223,8 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         with open_client(args) as client:
             try:
+                if args.stream and args.preview_dir and args.preview == AUTO_PREVIEW:
+                    request.preview.kind = best_preview_kind(client, args.model, args.timeout)
                 if args.stream:
                     response = _stream(client, request, args)
                 else:
@@ -257,10 +273,17 @@ def run_models(args: argparse.Namespace) -> int:
             f"multiples of {m.size_multiple}), {m.default_steps} steps, guidance {m.default_guidance_scale:g}\n"
             f"  schedulers: {', '.join(m.schedulers)} (default {m.default_scheduler})\n"
             f"  image inputs: {_image_inputs(m.image_inputs)}\n"
+            + (f"  previews: {_preview_kinds(m.preview_kinds)} (the first is the best live preview)\n"
+               if m.preview_kinds else "")
             + (f"  step caching: depths {', '.join(map(str, m.step_cache_depths))} (default every "
                f"{m.default_cache_interval} at depth {m.default_cache_depth})\n" if m.step_cache_depths else "")
         )
     return 0
+
+
+def _preview_kinds(kinds: Iterable[int]) -> str:
+    names = {value: name for name, value in PREVIEWS.items()}
+    return ", ".join(names.get(kind, str(kind)) for kind in kinds)
 
 
 def _image_inputs(support: pb.ImageInputSupport) -> str:

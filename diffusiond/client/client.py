@@ -29,6 +29,7 @@ PREVIEWS = {
     "latent": pb.PREVIEW_KIND_LATENT,
     "approx_rgb": pb.PREVIEW_KIND_APPROX_RGB,
     "full": pb.PREVIEW_KIND_FULL,
+    "tiny_decoder": pb.PREVIEW_KIND_TINY_DECODER,
 }
 UPSCALERS = {
     "latent": pb.UPSCALER_LATENT_BICUBIC,

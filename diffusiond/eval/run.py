@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,9 @@ class EvalSettings:
     save_images: str = ""  # a directory for the generated images and a contact sheet
     cache_interval: int = 1  # step caching (1: off, exact)
     cache_depth: int = 1
+    fid: bool = False  # also FID against ``reference`` (and Inception Score, with ``inception_weights``)
+    inception_weights: str = ""  # a local TorchScript Inception-v3 (eval.fidelity); empty: the stand-in
+    reference: str = ""  # a directory of reference images; empty: real renders of the same scenes
 
 
 @dataclass
@@ -64,6 +68,7 @@ class EvalReport:
     num_prompts: int
     scores: dict[str, float]
     clip_score: float | None
+    fidelity: dict[str, Any] | None  # FID (and IS), with the feature network and image counts
     seconds: float
     images_per_second: float
     targets: dict[str, float] = field(default_factory=lambda: dict(TARGETS))
@@ -84,6 +89,12 @@ class EvalReport:
             lines.append(f"{name:<12}{self.scores[name]:>10.1%}{'' if target is None else f'{target:>9.0%}'}{mark}")
         if self.clip_score is not None:
             lines.append(f"{'clip score':<12}{self.clip_score:>10.2f}")
+        if self.fidelity is not None:
+            lines.append(f"{'FID':<12}{self.fidelity['fid']:>10.2f}  ({self.fidelity['features']}; "
+                         f"{self.fidelity['generated']} vs {self.fidelity['reference']} images)")
+            if self.fidelity["inception_score"] is not None:
+                lines.append(f"{'IS':<12}{self.fidelity['inception_score']:>10.2f}  "
+                             f"(+/- {self.fidelity['inception_score_std']:.2f})")
         lines.append(f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s)")
         return "\n".join(lines)
 
@@ -179,6 +190,8 @@ def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
     seconds = time.perf_counter() - started
     if image_dir is not None:
         _save_png(_contact_sheet(images), image_dir / "sheet.png")
+    wants_fid = settings.fid or bool(settings.inception_weights or settings.reference)
+    fidelity = _fidelity(settings, scenes, images) if wants_fid else None
 
     return EvalReport(
         settings=asdict(settings),
@@ -192,10 +205,33 @@ def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
         num_prompts=len(scenes),
         scores=Scores.tally(verdicts).as_dict(),
         clip_score=None if clip is None else round(float(np.mean(clip_scores)), 3),
+        fidelity=None if fidelity is None else asdict(fidelity),
         seconds=round(seconds, 2),
         images_per_second=round(len(scenes) / seconds, 3),
         prompts=records,
     )
+
+
+def _fidelity(settings: EvalSettings, scenes: list[dataset.Scene], images: list[np.ndarray]):
+    """FID (and IS) of the generated images against the reference set: a directory, else real renders of
+    the same scenes (prompt i's scene drawn with placement seed ``seed + i``)."""
+    from diffusiond.eval import fidelity
+    from diffusiond.models.builtin import ensure_builtin_model
+
+    size = images[0].shape[0]
+    if settings.reference:
+        reference = fidelity.load_reference(Path(settings.reference), size)
+    else:
+        if size != dataset.IMAGE_SIZE:
+            raise InvalidArgument("reference", f"the shapes data set's renders are {dataset.IMAGE_SIZE} px and the "
+                                  f"images {size} px; give --reference DIR")
+        reference = [dataset.render(scene, dataset.place(scene, random.Random(settings.seed + i)))
+                     for i, scene in enumerate(scenes)]
+    if settings.inception_weights:
+        network = fidelity.FeatureNetwork.from_file(Path(settings.inception_weights))
+    else:
+        network = fidelity.FeatureNetwork.stand_in(ensure_builtin_model(), size)
+    return fidelity.score(images, reference, network)
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:

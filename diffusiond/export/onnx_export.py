@@ -47,6 +47,7 @@ from diffusiond.export.fp16 import Fp16Settings, convert_to_fp16, fp16_component
 from diffusiond.export.int8 import Int8Settings, quantize_unet
 from diffusiond.export.progress import Progress
 from diffusiond.export.staging import staged
+from diffusiond.models import latent_rgb
 from diffusiond.models.config import SERVING_DEFAULTS_FILE, load_model_config, read_json
 from diffusiond.models.descriptors import (
     COMPONENTS,
@@ -454,8 +455,10 @@ def _copy_configs(source: Path, staging: Path, components: tuple[str, ...]) -> N
         shutil.copy2(source / SOURCE_CONFIG[name] / "config.json", staging / name / "config.json")
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(source / sub, staging / sub)
-    # The model's own sampling defaults travel with it, so an export serves what the source serves.
-    if (source / SERVING_DEFAULTS_FILE).is_file():
-        shutil.copy2(source / SERVING_DEFAULTS_FILE, staging / SERVING_DEFAULTS_FILE)
+    # The model's own sampling defaults and preview projection travel with it, so an export serves what
+    # the source serves.
+    for name in (SERVING_DEFAULTS_FILE, latent_rgb.MODEL_FILE):
+        if (source / name).is_file():
+            shutil.copy2(source / name, staging / name)
     index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

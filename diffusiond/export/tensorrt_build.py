@@ -50,6 +50,7 @@ from typing import Any
 from diffusiond.errors import FailedPrecondition, InvalidArgument, NotFound
 from diffusiond.export.progress import Progress
 from diffusiond.export.staging import staged
+from diffusiond.models import latent_rgb
 from diffusiond.models.config import load_model_config
 from diffusiond.models.descriptors import (
     COMPONENTS,
@@ -284,6 +285,8 @@ def build_engines(
             for sub in ("tokenizer", "scheduler"):
                 shutil.copytree(onnx_dir / sub, staging / sub)
             shutil.copy2(onnx_dir / "model_index.json", staging / "model_index.json")
+            if (onnx_dir / latent_rgb.MODEL_FILE).is_file():  # the preview projection fitted to its VAE
+                shutil.copy2(onnx_dir / latent_rgb.MODEL_FILE, staging / latent_rgb.MODEL_FILE)
             manifest = EngineManifest(
                 precision=plan.precision,
                 machine=asdict(machine),

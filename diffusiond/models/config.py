@@ -73,7 +73,7 @@ def read_json(path: Path) -> dict[str, Any]:
         raise FailedPrecondition(f"model file {path} is not valid JSON: {exc}") from None
 
 
-def _vae_config(directory: Path) -> dict[str, Any]:
+def read_vae_config(directory: Path) -> dict[str, Any]:
     for sub in ("vae", "vae_decoder"):
         path = directory / sub / "config.json"
         if path.is_file():
@@ -113,7 +113,7 @@ def load_model_config(directory: Path) -> ModelConfig:
             f"(supported: {', '.join(sorted(SUPPORTED_PIPELINES))})"
         )
     unet = read_json(directory / "unet" / "config.json")
-    vae = _vae_config(directory)
+    vae = read_vae_config(directory)
     text = read_json(directory / "text_encoder" / "config.json")
     scheduler = read_json(directory / "scheduler" / "scheduler_config.json")
     tokenizer_cfg_path = directory / "tokenizer" / "tokenizer_config.json"

@@ -13,6 +13,10 @@ Sigma-based schedulers (Euler, LMS, DPM++, UniPC) give a via a = 1 / (1 + sigma^
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,16 +24,48 @@ import torch
 from PIL import Image
 
 from diffusiond.errors import FailedPrecondition
+from diffusiond.models import latent_rgb
+from diffusiond.models.builtin import cache_root
+from diffusiond.models.config import ModelConfig, read_vae_config
 
-# SD 1.x latent channels -> (R, G, B); the result lies in about [-1, 1].
-SD_LATENT_RGB = torch.tensor(
-    [
-        [0.3512, 0.2297, 0.3227],
-        [0.3250, 0.4974, 0.2350],
-        [-0.2829, 0.1762, 0.2721],
-        [-0.2120, -0.2616, -0.7177],
-    ]
-)
+log = logging.getLogger(__name__)
+
+
+def load_projection(model_dir: Path, config: ModelConfig, backend: Any) -> latent_rgb.LatentRGB:
+    """The model's latent-to-RGB projection: shipped, recognised, cached, or fitted now and cached."""
+    shipped = latent_rgb.read_model_file(model_dir)
+    if shipped is not None:
+        return shipped
+    known = latent_rgb.recognised(read_vae_config(model_dir))
+    if known is not None:
+        return known
+    cached = cache_root() / "latent_rgb" / f"{latent_rgb.vae_digest(model_dir)}.json"
+    if cached.is_file():
+        try:
+            return latent_rgb.LatentRGB.from_json(json.loads(cached.read_text(encoding="utf-8")), str(cached))
+        except (FailedPrecondition, json.JSONDecodeError):
+            log.warning("ignoring the unreadable cached projection %s; fitting anew", cached)
+    started = time.perf_counter()
+    source = f"fitted to {model_dir.name}'s VAE"
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return backend.vae_encode(images.to(backend.device))
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return backend.vae_decode(latents.to(backend.device))
+
+    fit = (config.scaling_factor, config.vae_scale_factor, config.latent_channels)
+    if config.has_vae_encoder:
+        projection = latent_rgb.fit(encode, decode, *fit, source=source)
+    else:  # an export without a VAE encoder: decode standard normal latents instead
+        log.info("fitting %s's preview projection on random latents: the model has no VAE encoder", model_dir)
+        projection = latent_rgb.fit(None, decode, *fit, source=source + " (random latents)")
+    try:
+        projection.write(cached)
+    except OSError as exc:  # a read-only cache costs a fit per load, nothing more
+        log.warning("could not cache the latent-to-RGB projection at %s: %s", cached, exc)
+    log.info("fitted a latent-to-RGB projection for %s in %.2fs", model_dir, time.perf_counter() - started)
+    return projection
 
 
 def alpha_bar(scheduler: Any, timestep: torch.Tensor) -> float:
@@ -56,15 +92,9 @@ def predicted_clean_latent(
     return (model_input - sqrt_1ma * model_output) / sqrt_a
 
 
-def approx_rgb(latents: torch.Tensor) -> np.ndarray:
-    """[B, 4, h, w] scaled latents -> [B, h, w, 3] uint8 by the linear SD projection."""
-    if latents.shape[1] != SD_LATENT_RGB.shape[0]:
-        raise FailedPrecondition(
-            f"APPROX_RGB previews need {SD_LATENT_RGB.shape[0]}-channel SD latents; this model has "
-            f"{latents.shape[1]} channels (use PREVIEW_KIND_FULL or PREVIEW_KIND_LATENT)"
-        )
-    rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), SD_LATENT_RGB)
-    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+def approx_rgb(latents: torch.Tensor, projection: latent_rgb.LatentRGB) -> np.ndarray:
+    """[B, C, h, w] scaled latents -> [B, h, w, 3] uint8 by the model's linear projection."""
+    return projection.project(latents)
 
 
 def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:

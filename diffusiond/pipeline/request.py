@@ -19,6 +19,7 @@ class PreviewKind(enum.Enum):
     LATENT = "latent"
     APPROX_RGB = "approx_rgb"
     FULL = "full"
+    TINY_DECODER = "tiny_decoder"
 
 
 class Upscaler(enum.Enum):

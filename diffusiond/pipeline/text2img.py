@@ -56,6 +56,7 @@ import torch
 from diffusiond.backends.base import Backend, CachesDeepFeatures, CrossAttentionKV
 from diffusiond.errors import OutOfMemory, ResourceExhausted
 from diffusiond.models.config import ModelConfig
+from diffusiond.models.latent_rgb import SD_PROJECTION, LatentRGB
 from diffusiond.pipeline import conditioning as images_in
 from diffusiond.pipeline import previews
 from diffusiond.pipeline.memory import RowRunner, release_cached_memory
@@ -73,6 +74,7 @@ from diffusiond.pipeline.request import (
 from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory, timesteps_for_strength
 from diffusiond.pipeline.text import PromptEncoder
+from diffusiond.pipeline.tiny_decoder import TinyDecoder
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +192,17 @@ class Text2ImagePipeline:
         schedulers: SchedulerFactory,
         config: ModelConfig,
         safety: SafetyChecker | None = None,
+        latent_rgb: LatentRGB | None = None,
+        tiny_decoder: TinyDecoder | None = None,
     ) -> None:
         self.backend = backend
         self.prompts = prompts
         self.schedulers = schedulers
         self.config = config
         self.safety = safety  # when set, every image and preview image handed out is checked
+        # APPROX_RGB previews' projection; SD 1.x's factors when the caller has none (4-channel latents only).
+        self.latent_rgb = latent_rgb or SD_PROJECTION
+        self.tiny_decoder = tiny_decoder  # TINY_DECODER previews, where the model has one
         self._unet_rows = RowRunner("unet", backend.device)
         self._decode_rows = RowRunner("vae_decode", backend.device)
         self._encode_rows = RowRunner("vae_encode", backend.device)
@@ -572,7 +579,7 @@ class Text2ImagePipeline:
         step = state.steps_done + 1
         due = request.preview.due(step, total)
         clean = None
-        if due and request.preview.kind in (PreviewKind.APPROX_RGB, PreviewKind.FULL):
+        if due and request.preview.kind in (PreviewKind.APPROX_RGB, PreviewKind.FULL, PreviewKind.TINY_DECODER):
             clean = previews.predicted_clean_latent(
                 state.scheduler, t, state.model_input, eps, self.config.prediction_type
             )
@@ -587,12 +594,16 @@ class Text2ImagePipeline:
             if request.preview.kind is PreviewKind.LATENT:
                 preview = state.latents.float().cpu().numpy()
             elif request.preview.kind is PreviewKind.APPROX_RGB:
-                preview = previews.approx_rgb(clean)
+                preview = previews.approx_rgb(clean, self.latent_rgb)
             elif request.preview.kind is PreviewKind.FULL:
                 decoded = self._decode(clean, observer)
                 if decoded is None:
                     raise OutOfMemory("a preview decode did not fit even one image at a time")
                 preview = previews.to_uint8_images(decoded)
+            elif request.preview.kind is PreviewKind.TINY_DECODER:
+                if self.tiny_decoder is None:  # the resolver refuses such requests first
+                    raise RuntimeError("a TINY_DECODER preview was asked of a model without a tiny decoder")
+                preview = self.tiny_decoder.decode(clean)
             if self.safety is not None and preview is not None and request.preview.kind is not PreviewKind.LATENT:
                 self.safety.blank_flagged(preview)  # a preview must not show what the result would withhold
         elapsed = time.perf_counter() - (state.started_at or 0.0)

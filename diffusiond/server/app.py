@@ -82,6 +82,8 @@ class ServerSettings:
     tls: TlsSettings | None = None
     client_limits: ClientLimitSettings = field(default_factory=ClientLimitSettings)
     safety_checker: str = ""  # a StableDiffusionSafetyChecker directory: every model's outputs are filtered
+    # TINY_DECODER previews: model name -> an AutoencoderTiny directory (beside the models' own preview_decoder/).
+    preview_decoders: dict[str, str] = field(default_factory=dict)
     cache_interval: int = 1  # step caching for requests that leave it at 0 (1: off, exact)
     cache_depth: int = 1
 
@@ -96,6 +98,9 @@ class ServerSettings:
                 raise ValueError(f"{name} must be at least 1024 bytes, got {value}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must not be negative, got {self.grace_period_s}")
+        unknown = sorted(set(self.preview_decoders) - {m.name for m in self.models})
+        if unknown:
+            raise ValueError(f"--preview-decoder names model(s) not served: {', '.join(unknown)}")
         if self.auth_tokens_file and self.auth_tokens_text:
             raise ValueError("give auth tokens in a file or as text, not both")
         ImageLimits(self.max_input_image_bytes, self.max_input_pixels)  # ValueError naming a limit out of range
@@ -211,7 +216,7 @@ class DiffusionServer:
         except ImportError as exc:
             raise MissingDependency(exc.name or "starlette", "the HTTP gateway (--http-port)", "server") from None
         guard = Guard(self.calls, self.metrics, self.tokens, self.client_limits)
-        app = Gateway(self.service, guard, settings.max_receive_message_bytes).app()
+        app = Gateway(self.service, guard, settings.receive_limit_bytes).app()
         host = settings.http_host or settings.host
         self._gateway = HttpGateway(app, host, settings.http_port or 0, settings.tls)
         self.http_port = await self._gateway.start()
@@ -246,6 +251,7 @@ class DiffusionServer:
                 safety_checker=Path(self.settings.safety_checker) if self.settings.safety_checker else None,
                 default_cache_interval=self.settings.cache_interval,
                 default_cache_depth=self.settings.cache_depth,
+                preview_decoder=_path_or_none(self.settings.preview_decoders.get(source.name, "")),
             )
             if self.settings.warmup:
                 warm_up(model)
@@ -314,3 +320,6 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
+
+def _path_or_none(value: str) -> Path | None:
+    return Path(value) if value else None

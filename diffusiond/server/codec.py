@@ -20,7 +20,13 @@ from diffusiond.service.batcher import QueuedInfo
 from diffusiond.service.image_inputs import HiresParams
 from diffusiond.service.models import LoadedModel
 from diffusiond.service.outputs import EncodedImage, EncodedResult, StartedEvent, StepEvent
-from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id, step_cache_depths
+from diffusiond.service.resolver import (
+    GenerationParams,
+    PreviewParams,
+    check_request_id,
+    preview_kinds,
+    step_cache_depths,
+)
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 
@@ -35,6 +41,7 @@ PREVIEW_KINDS = {
     pb.PREVIEW_KIND_LATENT: PreviewKind.LATENT,
     pb.PREVIEW_KIND_APPROX_RGB: PreviewKind.APPROX_RGB,
     pb.PREVIEW_KIND_FULL: PreviewKind.FULL,
+    pb.PREVIEW_KIND_TINY_DECODER: PreviewKind.TINY_DECODER,
 }
 UPSCALERS = {
     pb.UPSCALER_UNSPECIFIED: Upscaler.LATENT_BICUBIC,
@@ -67,7 +74,7 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         )
     if msg.preview.kind not in PREVIEW_KINDS:
         raise InvalidArgument(
-            "preview.kind", f"unknown value {msg.preview.kind}; use PREVIEW_KIND_LATENT, _APPROX_RGB or _FULL"
+            "preview.kind", f"unknown value {msg.preview.kind}; use PREVIEW_KIND_LATENT, _APPROX_RGB, _FULL or _TINY_DECODER"
         )
     if msg.hires.upscaler not in UPSCALERS:
         raise InvalidArgument(
@@ -258,4 +265,5 @@ def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
         step_cache_depths=step_cache_depths(model),
         default_cache_interval=limits.default_cache_interval,
         default_cache_depth=limits.default_cache_depth,
+        preview_kinds=[_PREVIEW_TO_PROTO[kind] for kind in preview_kinds(model)],
     )

@@ -14,10 +14,13 @@ from diffusiond.backends import registry as backends
 from diffusiond.backends.base import Backend, BackendSettings
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
+from diffusiond.pipeline import tiny_decoder
+from diffusiond.pipeline.previews import load_projection
 from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
+from diffusiond.pipeline.tiny_decoder import TinyDecoder
 from diffusiond.service.image_decode import ImageLimits
 from diffusiond.service.limits import ModelLimits
 from diffusiond.service.resolver import GenerationParams, resolve
@@ -82,9 +85,11 @@ def load_model(
     safety_checker: Path | None = None,
     default_cache_interval: int = 1,
     default_cache_depth: int = 1,
+    preview_decoder: Path | None = None,
 ) -> LoadedModel:
     """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
-    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch)."""
+    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch). TINY_DECODER previews use
+    ``preview_decoder`` when given, else the model directory's ``preview_decoder/`` where it has one."""
     config = load_model_config(model_dir)
     if config.inpainting_unet and not config.has_vae_encoder:
         raise FailedPrecondition(
@@ -95,7 +100,13 @@ def load_model(
     backend = backends.create_backend(backend_name, model_dir, settings or BackendSettings())
     prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
     safety = SafetyChecker.load(safety_checker, backend.device) if safety_checker is not None else None
-    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config, safety)
+    projection = load_projection(model_dir, config, backend)
+    tiny_path = tiny_decoder.find(model_dir, preview_decoder)
+    tiny = TinyDecoder.load(tiny_path, backend.device, config.latent_channels) if tiny_path is not None else None
+    pipeline = Text2ImagePipeline(
+        backend, prompts, SchedulerFactory(config.scheduler_config), config, safety,
+        latent_rgb=projection, tiny_decoder=tiny,
+    )
     limits = ModelLimits.for_model(
         config, max_size=max_size, input_images=input_images or ImageLimits(),
         default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth,

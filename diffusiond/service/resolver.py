@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from diffusiond.backends.base import CachesDeepFeatures
 from diffusiond.errors import FailedPrecondition, InvalidArgument
-from diffusiond.pipeline.previews import SD_LATENT_RGB
 from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec, Upscaler
 from diffusiond.service import image_inputs
 from diffusiond.service.image_inputs import HiresParams
@@ -153,10 +152,17 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         raise InvalidArgument("seed", f"must be between 0 and 2^64 - 1, got {params.seed}")
 
     preview_kind = params.preview.kind
-    if preview_kind is PreviewKind.APPROX_RGB and model.config.latent_channels != SD_LATENT_RGB.shape[0]:
+    projection = model.pipeline.latent_rgb
+    if preview_kind is PreviewKind.APPROX_RGB and model.config.latent_channels != projection.channels:
         raise FailedPrecondition(
-            f"preview.kind: PREVIEW_KIND_APPROX_RGB needs {SD_LATENT_RGB.shape[0]}-channel latents; model "
-            f"{model.name!r} has {model.config.latent_channels} (use PREVIEW_KIND_FULL or PREVIEW_KIND_LATENT)"
+            f"preview.kind: PREVIEW_KIND_APPROX_RGB's projection ({projection.source}) takes "
+            f"{projection.channels}-channel latents; model {model.name!r} has {model.config.latent_channels} "
+            "(use PREVIEW_KIND_FULL or PREVIEW_KIND_LATENT)"
+        )
+    if preview_kind is PreviewKind.TINY_DECODER and model.pipeline.tiny_decoder is None:
+        raise FailedPrecondition(
+            f"preview.kind: model {model.name!r} has no tiny preview decoder (a preview_decoder/ directory, or the "
+            "server's --preview-decoder); use PREVIEW_KIND_APPROX_RGB or PREVIEW_KIND_FULL"
         )
 
     hires = None if params.hires is None else image_inputs.hires_spec(params.hires, width, height, steps, limits)
@@ -213,6 +219,17 @@ def step_cache_depths(model: LoadedModel) -> tuple[int, ...]:
     """The step-cache depths ``model``'s backend can run (empty: it cannot cache steps)."""
     backend = model.backend
     return tuple(backend.step_cache_depths()) if isinstance(backend, CachesDeepFeatures) else ()
+
+
+def preview_kinds(model: LoadedModel) -> tuple[PreviewKind, ...]:
+    """The preview kinds ``model`` serves, the best live preview first: a tiny decoder's full-resolution
+    image where it has one, else the projection (free), then a full decode, then raw latents."""
+    kinds = [PreviewKind.APPROX_RGB, PreviewKind.FULL]
+    if model.pipeline.tiny_decoder is not None:
+        kinds.insert(0, PreviewKind.TINY_DECODER)
+    if model.pipeline.safety is None:  # raw latents would bypass the content filter
+        kinds.append(PreviewKind.LATENT)
+    return tuple(kinds)
 
 
 def _step_cache(params: GenerationParams, model: LoadedModel) -> tuple[int, int]:

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusiond.models import latent_rgb
 from diffusiond.models.synthetic import WORDS, write_pipeline_files
 from diffusiond.models.tokenizer_files import write_clip_tokenizer
-from diffusiond.training import dataset
+from diffusiond.training import dataset, preview_projection
 from diffusiond.training.recipe import RECIPES, Recipe
 
 log = logging.getLogger(__name__)
@@ -422,6 +423,12 @@ class Trainer:
         # INT8 export calibrates on prompts the model knows: the validation split (never the held-out test).
         captions = [scene.caption for scene in dataset.split("validation")]
         (out / CALIBRATION_PROMPTS).write_text("\n".join(captions) + "\n")
+        # APPROX_RGB previews' projection, fitted to this VAE (SD's factors draw nonsense for it).
+        with torch.no_grad():
+            projection = preview_projection.fit_vae(
+                self.vae, preview_projection.training_renders(), preview_projection.source_label()
+            )
+        projection.write(out / latent_rgb.MODEL_FILE)
         self.clock.lap()
         record = {
             "recipe": r.as_dict(),

@@ -14,7 +14,8 @@ export type PreviewKind =
   | "PREVIEW_KIND_UNSPECIFIED"
   | "PREVIEW_KIND_LATENT"
   | "PREVIEW_KIND_APPROX_RGB"
-  | "PREVIEW_KIND_FULL";
+  | "PREVIEW_KIND_FULL"
+  | "PREVIEW_KIND_TINY_DECODER";
 
 /** A GenerateRequest; unset or zero fields select the model's defaults. */
 export interface GenerateRequest {
@@ -95,6 +96,8 @@ export interface ModelInfo {
   maxSteps: number;
   maxImages: number;
   isDefault: boolean;
+  /** The preview kinds the model serves, the best live preview first (empty from older servers). */
+  previewKinds: PreviewKind[];
 }
 
 export interface ClientOptions {

@@ -26,6 +26,7 @@ test("lists the loaded models", async () => {
   assert.equal(models[0].isDefault, true);
   assert.equal(models[0].defaultWidth, 64);
   assert.ok(models[0].schedulers.includes("euler"));
+  assert.equal(models[0].previewKinds[0], "PREVIEW_KIND_APPROX_RGB"); // no tiny decoder: the projection first
 });
 
 test("generates a PNG with its seed", async () => {

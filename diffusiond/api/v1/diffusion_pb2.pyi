@@ -20,6 +20,7 @@ class PreviewKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREVIEW_KIND_LATENT: _ClassVar[PreviewKind]
     PREVIEW_KIND_APPROX_RGB: _ClassVar[PreviewKind]
     PREVIEW_KIND_FULL: _ClassVar[PreviewKind]
+    PREVIEW_KIND_TINY_DECODER: _ClassVar[PreviewKind]
 
 class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +42,7 @@ PREVIEW_KIND_UNSPECIFIED: PreviewKind
 PREVIEW_KIND_LATENT: PreviewKind
 PREVIEW_KIND_APPROX_RGB: PreviewKind
 PREVIEW_KIND_FULL: PreviewKind
+PREVIEW_KIND_TINY_DECODER: PreviewKind
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
@@ -254,7 +256,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth")
+    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth", "preview_kinds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +280,7 @@ class ModelInfo(_message.Message):
     STEP_CACHE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_KINDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     source: str
@@ -301,7 +304,8 @@ class ModelInfo(_message.Message):
     step_cache_depths: _containers.RepeatedScalarFieldContainer[int]
     default_cache_interval: int
     default_cache_depth: int
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ...) -> None: ...
+    preview_kinds: _containers.RepeatedScalarFieldContainer[PreviewKind]
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ..., preview_kinds: _Optional[_Iterable[_Union[PreviewKind, str]]] = ...) -> None: ...
 
 class ImageInputSupport(_message.Message):
     __slots__ = ("img2img", "inpainting", "inpainting_method", "hires", "max_image_bytes", "max_image_pixels")

@@ -46,12 +46,28 @@ function sizesOf(m) {
   return [...sizes].sort((a, b) => a - b);
 }
 
+// Preview kinds the page can show (raw latents it cannot), as a model's previewKinds name them.
+const PREVIEW_LABELS = {
+  PREVIEW_KIND_TINY_DECODER: "tiny decoder (full size)",
+  PREVIEW_KIND_APPROX_RGB: "approximate (free)",
+  PREVIEW_KIND_FULL: "full decode",
+};
+const OLD_SERVER_PREVIEWS = ["PREVIEW_KIND_APPROX_RGB", "PREVIEW_KIND_FULL"]; // servers without previewKinds
+
+function previewOptions(m) {
+  const kinds = (m.previewKinds && m.previewKinds.length ? m.previewKinds : OLD_SERVER_PREVIEWS)
+    .filter((k) => k in PREVIEW_LABELS);
+  // The model lists its best live preview first: selected by default.
+  return [...kinds.map((k, i) => option(k, PREVIEW_LABELS[k], i === 0)), option("PREVIEW_KIND_UNSPECIFIED", "none")];
+}
+
 function showModel() {
   const m = models.find((x) => x.name === $("model").value) || models[0];
   if (!m) return;
   $("size").replaceChildren(...sizesOf(m).map((s) => option(`${s}x${s}`, `${s} × ${s}`, s === m.defaultWidth)));
   $("scheduler").replaceChildren(option("", `model default (${m.defaultScheduler})`, true),
     ...m.schedulers.map((s) => option(s, s)));
+  $("preview-kind").replaceChildren(...previewOptions(m));
   $("steps").placeholder = `default ${m.defaultSteps}`;
   $("guidance").placeholder = `default ${m.defaultGuidanceScale}`;
 }
