@@ -75,6 +75,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
                         "shallow blocks in between (faster, approximate; 1: off, exact)")
     parser.add_argument("--cache-depth", type=int, default=1,
                         help="up blocks a step-cached shallow pass runs (1: fastest)")
+    parser.add_argument("--lora-dir", default="", metavar="DIR",
+                        help="serve the LoRA adapters in DIR (safetensors, diffusers/PEFT or kohya format); requests "
+                        "name them in 'loras'; files added later are found without a restart")
+    parser.add_argument("--lora-cache-mb", type=float, default=256.0,
+                        help="MiB of converted adapters kept in memory (LRU); others are read again when used")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds accepted requests get to finish on shutdown")
     parser.add_argument("--prompt-cache-size", type=int, default=256,
@@ -192,6 +197,8 @@ def run_serve(args: argparse.Namespace) -> int:
             safety_checker=args.safety_checker,
             cache_interval=args.cache_interval,
             cache_depth=args.cache_depth,
+            lora_dir=args.lora_dir,
+            lora_cache_bytes=int(args.lora_cache_mb * MIB),
         )
     except (ValueError, DiffusiondError) as exc:  # a flag out of range
         log.error("cannot serve: %s", exc)
@@ -289,6 +296,11 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser, target: str = "on
     parser.add_argument("--min-size", type=int, default=0, help="smallest image side in the profile (default: native/2)")
     parser.add_argument("--max-size", type=int, default=0, help="largest image side in the profile (default: native*2)")
     parser.add_argument("--no-verify", action="store_true", help="skip running each network against PyTorch")
+    if not openvino:  # export openvino carries the adapters of the ONNX export it converts (--onnx)
+        parser.add_argument("--lora", action="append", default=[], metavar="NAME:SCALE",
+                            help="fuse a LoRA adapter into the exported UNet at SCALE (-2..2, default 1): NAME in "
+                            "--lora-dir, or a .safetensors file (repeatable; the manifest records them)")
+        parser.add_argument("--lora-dir", default="", metavar="DIR", help="where --lora NAMEs are looked up")
     parser.add_argument("--step-cache-depth", type=int, default=1,
                         help="export the UNet's deep features at this depth and its shallow blocks as unet_shallow, "
                         "for step caching on ONNX Runtime (0: neither)")
@@ -359,10 +371,15 @@ def calibration_from_args(args: argparse.Namespace):
 
 
 def export_options_from_args(args: argparse.Namespace):
+    from pathlib import Path
+
     from diffusiond.export.int8 import Int8Settings
     from diffusiond.export.onnx_export import ExportOptions
+    from diffusiond.models.lora import parse_adapter_spec
 
+    lora_dir = Path(args.lora_dir) if args.lora_dir else None
     return ExportOptions(
+        loras=tuple(parse_adapter_spec(text, lora_dir) for text in args.lora),
         precision=args.precision,
         opset=args.opset,
         profile=export_profile_from_args(args),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,8 +122,12 @@ def build_request(
     preview_max_size: int = 0,
     cache_interval: int = 0,
     cache_depth: int = 0,
+    loras: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default"."""
+    """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default".
+
+    ``loras``: LoRA adapters to apply, ``{"name": scale}`` or ``[("name", scale), ...]`` (scale -2..2).
+    """
     if output_format.lower() not in FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(FORMATS)}, got {output_format!r}")
     if preview.lower() not in PREVIEWS:
@@ -145,6 +149,8 @@ def build_request(
         ),
         cache_interval=cache_interval,
         cache_depth=cache_depth,
+        loras=[pb.LoraRef(name=name, scale=scale)
+               for name, scale in (loras.items() if isinstance(loras, Mapping) else loras or ())],
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale

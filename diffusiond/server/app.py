@@ -34,6 +34,7 @@ from diffusiond.server.limits import ClientLimits, ClientLimitSettings
 from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetrics
 from diffusiond.server.servicer import DiffusionServicer
 from diffusiond.server.tls import TlsSettings, server_credentials
+from diffusiond.service.adapters import AdapterLibrary
 from diffusiond.service.batcher import Batcher, BatcherSettings
 from diffusiond.service.generation import GenerationService
 from diffusiond.service.limits import ModelLimits
@@ -79,6 +80,8 @@ class ServerSettings:
     safety_checker: str = ""  # a StableDiffusionSafetyChecker directory: every model's outputs are filtered
     cache_interval: int = 1  # step caching for requests that leave it at 0 (1: off, exact)
     cache_depth: int = 1
+    lora_dir: str = ""  # LoRA adapters served from this directory ("" none)
+    lora_cache_bytes: int = 256 * 2**20  # converted adapters kept in memory (LRU)
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -211,6 +214,8 @@ class DiffusionServer:
         log.info("serving %s", ", ".join(m.name for m in self.registry))
 
     def _load_models(self) -> None:
+        library = AdapterLibrary(Path(self.settings.lora_dir), self.settings.lora_cache_bytes) \
+            if self.settings.lora_dir else None
         for source in self.settings.models:
             model = load_model(
                 source.name,
@@ -222,6 +227,7 @@ class DiffusionServer:
                 safety_checker=Path(self.settings.safety_checker) if self.settings.safety_checker else None,
                 default_cache_interval=self.settings.cache_interval,
                 default_cache_depth=self.settings.cache_depth,
+                lora_library=library,
             )
             if self.settings.warmup:
                 warm_up(model)

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusiond.backends import registry as backends
-from diffusiond.backends.base import Backend, BackendSettings
+from diffusiond.backends.base import AppliesAdapters, Backend, BackendSettings
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
 from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
+from diffusiond.service.adapters import AdapterLibrary, ModelAdapters
 from diffusiond.service.limits import ModelLimits
 from diffusiond.service.resolver import GenerationParams, resolve
 
@@ -29,6 +30,7 @@ class LoadedModel:
     backend: Backend
     pipeline: Text2ImagePipeline
     limits: ModelLimits
+    adapters: ModelAdapters | None = None  # LoRA adapters from --lora-dir, where the backend applies them
 
     @property
     def schedulers(self) -> SchedulerFactory:
@@ -54,6 +56,7 @@ def load_model(
     safety_checker: Path | None = None,
     default_cache_interval: int = 1,
     default_cache_depth: int = 1,
+    lora_library: AdapterLibrary | None = None,
 ) -> LoadedModel:
     """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
     from ``safety_checker`` when given; it runs on the backend's device, in PyTorch)."""
@@ -62,7 +65,10 @@ def load_model(
     backend = backends.create_backend(backend_name, model_dir, settings or BackendSettings())
     prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
     safety = SafetyChecker.load(safety_checker, backend.device) if safety_checker is not None else None
-    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config, safety)
+    adapters = None
+    if lora_library is not None and isinstance(backend, AppliesAdapters):
+        adapters = lora_library.for_model(name, backend.adapter_weight_shapes(), backend.device)
+    pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config, safety, adapters)
     limits = ModelLimits.for_model(
         config, max_size=max_size, default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth
     )
@@ -71,7 +77,7 @@ def load_model(
         name, model_dir, backend.name, backend.device, backend.dtype_name,
         config.default_size, pipeline.schedulers.default_name,
     )
-    model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
+    model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits, adapters)
     if default_cache_interval > 1:  # the server's default must work for this model
         resolve(GenerationParams(prompt="check", request_id="startup"), model)
     return model
