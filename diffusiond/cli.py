@@ -76,8 +76,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
     parser.add_argument("--cache-depth", type=int, default=1,
                         help="up blocks a step-cached shallow pass runs (1: fastest)")
     parser.add_argument("--lora-dir", default="", metavar="DIR",
-                        help="serve the LoRA adapters in DIR (safetensors, diffusers/PEFT or kohya format); requests "
-                        "name them in 'loras'; files added later are found without a restart")
+                        help="serve the LoRA adapters in DIR (safetensors, diffusers/PEFT or kohya format; 'builtin': "
+                        "those shipped for the built-in model); requests name them in 'loras'; files added later "
+                        "are found without a restart")
     parser.add_argument("--lora-cache-mb", type=float, default=256.0,
                         help="MiB of converted adapters kept in memory (LRU); others are read again when used")
     parser.add_argument("--grace-period", type=float, default=30.0,
@@ -371,13 +372,13 @@ def calibration_from_args(args: argparse.Namespace):
 
 
 def export_options_from_args(args: argparse.Namespace):
-    from pathlib import Path
 
     from diffusiond.export.int8 import Int8Settings
     from diffusiond.export.onnx_export import ExportOptions
     from diffusiond.models.lora import parse_adapter_spec
+    from diffusiond.service.adapters import resolve_lora_dir
 
-    lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    lora_dir = resolve_lora_dir(args.lora_dir) if args.lora_dir else None
     return ExportOptions(
         loras=tuple(parse_adapter_spec(text, lora_dir) for text in args.lora),
         precision=args.precision,
@@ -555,6 +556,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     tensorrt_cli.add_arguments(export_trt)
     export_trt.set_defaults(func=tensorrt_cli.run)
+    from diffusiond.training import lora_cli
+
+    train_lora = sub.add_parser(
+        "train-lora", help="train a LoRA adapter for a model's UNet on a folder of captioned images"
+    )
+    lora_cli.add_arguments(train_lora)
+    train_lora.set_defaults(func=lora_cli.run)
     evaluate = sub.add_parser(
         "eval", help="generate the shapes data set's held-out prompts and score them (in-process, no server)"
     )
@@ -564,7 +572,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # What each command needs beyond the client, and the extra that installs it.
-EXTRAS = {"serve": "server", "eval": "server", "create-model": "server", "onnx": "server,onnx",
+EXTRAS = {"serve": "server", "eval": "server", "create-model": "server", "train-lora": "server", "onnx": "server,onnx",
           "tensorrt": "tensorrt"}
 # Modules of those extras: an ImportError naming one means an extra is missing, not a bug.
 EXTRA_MODULES = {"torch", "diffusers", "transformers", "safetensors", "numpy", "scipy", "accelerate", "onnx",

@@ -34,7 +34,7 @@ from diffusiond.server.limits import ClientLimits, ClientLimitSettings
 from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetrics
 from diffusiond.server.servicer import DiffusionServicer
 from diffusiond.server.tls import TlsSettings, server_credentials
-from diffusiond.service.adapters import AdapterLibrary
+from diffusiond.service.adapters import AdapterLibrary, resolve_lora_dir
 from diffusiond.service.batcher import Batcher, BatcherSettings
 from diffusiond.service.generation import GenerationService
 from diffusiond.service.limits import ModelLimits
@@ -214,7 +214,7 @@ class DiffusionServer:
         log.info("serving %s", ", ".join(m.name for m in self.registry))
 
     def _load_models(self) -> None:
-        library = AdapterLibrary(Path(self.settings.lora_dir), self.settings.lora_cache_bytes) \
+        library = AdapterLibrary(resolve_lora_dir(self.settings.lora_dir), self.settings.lora_cache_bytes) \
             if self.settings.lora_dir else None
         for source in self.settings.models:
             model = load_model(

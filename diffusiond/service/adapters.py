@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from diffusiond.errors import AdapterFileError, NotFound, shown
+from diffusiond.models.builtin import BUILTIN_ADAPTERS_DIR
 from diffusiond.models.lora import AdapterFile, LoadedAdapter, inspect_file, load_adapter, match_modules, scan_directory
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ class AdapterInfo:
     layers: int = 0
     size_bytes: int = 0
     error: str = ""
+
+
+def resolve_lora_dir(text: str) -> Path:
+    """``--lora-dir``'s value as a directory: ``builtin`` is the adapters shipped for the built-in model."""
+    return BUILTIN_ADAPTERS_DIR if text == "builtin" else Path(text)
 
 
 class AdapterLibrary:

@@ -216,3 +216,19 @@ def batch(scenes: tuple[Scene, ...], seed: int, start: int, count: int) -> tuple
         captions.append(scene.caption)
         images.append(image)
     return captions, np.stack(images)
+
+
+def write_images(out, scenes: tuple[Scene, ...], seed: int, count: int, style: str = "plain") -> list[Scene]:
+    """Write examples 0..count-1 of a seeded stream as ``NNNN.png`` with the caption in ``NNNN.txt`` beside
+    each (the layout ``diffusiond train-lora --images`` reads); returns their scenes."""
+    from pathlib import Path
+
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(count):
+        scene, image = sample(scenes, seed, index, style)
+        Image.fromarray(image).save(directory / f"{index:04d}.png")
+        (directory / f"{index:04d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
+        written.append(scene)
+    return written
