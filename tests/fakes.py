@@ -70,6 +70,7 @@ class WordTokenizer:
 class UNetCall:
     rows: int
     timesteps: list[float]
+    size: tuple[int, int] = (0, 0)  # latent height, width
 
 
 class ScriptedBackend:
@@ -99,7 +100,7 @@ class ScriptedBackend:
             if error is not None:
                 raise error
         with self._lock:
-            self.calls.append(UNetCall(sample.shape[0], [float(t) for t in timestep]))
+            self.calls.append(UNetCall(sample.shape[0], [float(t) for t in timestep], tuple(sample.shape[2:])))
         context = encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None]
         t = timestep.float()[:, None, None, None]
         return 0.3 * sample + 0.2 * torch.cos(t / 300.0) + context
