@@ -38,8 +38,12 @@ def test_compiled_backend_applies_adapters_like_eager(builtin_dir, lora_dir):
                                            loras=(("alpha", scale),)), model)
         return model.pipeline.generate(request).images_uint8()[0].astype(int)
 
+    import torch._dynamo.utils as dynamo_utils
+
     base = image(compiled, 0.0)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     with_lora = image(compiled, 1.0)
     assert np.abs(with_lora - base).mean() > 2
     assert np.abs(with_lora - image(eager, 1.0)).max() <= 6  # fused QKV rows hold the same update
     assert np.array_equal(image(compiled, 0.0), base)  # back to the exact base weights
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # swapping adapters compiled nothing new
