@@ -198,3 +198,19 @@ def test_a_server_without_a_lora_dir_says_so(client):
     with pytest.raises(ClientError) as info:
         client.generate_request(build_request(PROMPT, steps=2, loras={"alpha": 1.0}))
     assert info.value.code == grpc.StatusCode.NOT_FOUND and "--lora-dir" in info.value.details
+
+
+def test_the_command_line_applies_and_lists_adapters(lora_server, lclient, tmp_path, capsys):
+    from diffusiond.cli import main
+
+    out = tmp_path / "framed.png"
+    code = main(["generate", PROMPT, "--seed", "5", "--steps", "6", "--lora", "alpha:1", "--lora", "beta:0",
+                 "-o", str(out), "--server", lora_server.address])
+    assert code == 0
+    assert out.read_bytes() == generate(lclient, {"alpha": 1.0})
+    assert main(["models", "--server", lora_server.address]) == 0
+    listing = capsys.readouterr().out
+    assert "adapter alpha: peft, rank 4" in listing and "adapter sd15style: error:" in listing
+    with pytest.raises(SystemExit) as bad:
+        main(["generate", PROMPT, "--lora", "alpha:x", "--server", lora_server.address])
+    assert bad.value.code == 2 and "expected NAME:SCALE" in capsys.readouterr().err
