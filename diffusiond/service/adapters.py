@@ -81,6 +81,10 @@ class AdapterLibrary:
     def names(self) -> list[str]:
         return sorted(self.rescan())
 
+    def path_of(self, name: str) -> Path | None:
+        with self._lock:
+            return self._index.get(name)
+
     def file(self, name: str) -> AdapterFile:
         """The header of adapter ``name``: NotFound naming it, or AdapterFileError naming its file."""
         with self._lock:
@@ -90,7 +94,10 @@ class AdapterLibrary:
         if path is None:
             raise NotFound(f"adapter {shown(name)} is not in {self.directory} "
                            f"(adapters there: {', '.join(sorted(self._index)) or 'none'})")
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed since the directory was listed
+            raise NotFound(f"adapter {shown(name)} was removed from {self.directory}") from None
         version = (stat.st_mtime_ns, stat.st_size)
         with self._lock:
             cached = self._headers.get(path)
@@ -176,7 +183,7 @@ class ModelAdapters:
         """Every adapter in the directory (listed afresh), with why this model cannot use it where it cannot."""
         infos = []
         for name in self.library.names():
-            path = self.library._index.get(name)
+            path = self.library.path_of(name)
             try:
                 header = self.check(name)
             except (AdapterFileError, NotFound) as exc:
