@@ -93,3 +93,15 @@ def test_export_refuses_an_adapter_it_cannot_find(tmp_path, builtin_dir, lora_di
     code = cli_main(["export", "onnx", "--model", str(builtin_dir), "--out", str(tmp_path / "x"),
                      "--lora-dir", str(lora_dir), "--lora", "nope:1"])
     assert code == 2
+
+
+def test_openvino_carries_the_adapters_of_the_onnx_export_it_converts(export_dir, builtin_dir, tmp_path):
+    pytest.importorskip("openvino")
+    out = tmp_path / "ov"
+    assert cli_main(["export", "openvino", "--model", str(builtin_dir), "--onnx", str(export_dir), "--out", str(out),
+                     "--step-cache-depth", "0", "--no-verify", "--log-level", "WARNING"]) == 0
+    assert [a["name"] for a in json.loads((out / "manifest.json").read_text())["adapters"]] == ["alpha"]
+    model = load_model("ov", out, backend_name="openvino")
+    resolve(GenerationParams(prompt=PROMPT, loras=(("alpha", 0.8),)), model)
+    with pytest.raises(AdapterMismatch, match="openvino backend with alpha:0.8 fused"):
+        resolve(GenerationParams(prompt=PROMPT, loras=(("alpha", 1.0),)), model)
