@@ -1,4 +1,4 @@
-# diffusiond: make serve | demo | test | lint | proto | node | lint-deploy | proto-breaking | bench-serving | bench-onnx | bench-hires | bench-previews | eval | train-builtin
+# diffusiond: make serve | demo | test | lint | proto | node | lint-deploy | proto-breaking | bench-serving | bench-onnx | bench-hires | bench-previews | eval | train-builtin | train-lora-example | eval-lora
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PORT ?= 50051
 ARGS ?=
 NODE_DIR := clients/node
 
-.PHONY: install serve demo test lint proto node lint-proto lint-deploy proto-breaking bench-serving bench-onnx bench-hires bench-previews eval train-builtin clean
+.PHONY: install serve demo test lint proto node lint-proto lint-deploy proto-breaking bench-serving bench-onnx bench-hires bench-previews eval train-builtin train-lora-example eval-lora clean
 
 install: $(STAMP)
 
@@ -82,6 +82,14 @@ eval: install
 # Retrain the built-in model from scratch (resumable: run again after an interruption).
 train-builtin: install
 	$(PY) -m diffusiond.training.train --work runs/builtin --out diffusiond/models/builtin_weights $(ARGS)
+
+# Retrain the shipped LoRA adapter (models/adapters/framed.safetensors; resumable, ARGS="--budget-minutes 15"),
+# then measure its style on held-out prompts at several scales (BENCHMARKS.md).
+train-lora-example: install
+	$(PY) -m diffusiond.training.lora_example --work runs/lora-framed $(ARGS)
+
+eval-lora: install
+	$(PY) -m diffusiond.eval.lora_style --lora-dir builtin --adapter framed --prompts 100 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info $(NODE_DIR)/node_modules $(NODE_DIR)/dist

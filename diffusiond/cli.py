@@ -75,6 +75,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
                         "shallow blocks in between (faster, approximate; 1: off, exact)")
     parser.add_argument("--cache-depth", type=int, default=1,
                         help="up blocks a step-cached shallow pass runs (1: fastest)")
+    parser.add_argument("--lora-dir", default="", metavar="DIR",
+                        help="serve the LoRA adapters in DIR (safetensors, diffusers/PEFT or kohya format; 'builtin': "
+                        "those shipped for the built-in model); requests name them in 'loras'; files added later "
+                        "are found without a restart")
+    parser.add_argument("--lora-cache-mb", type=float, default=256.0,
+                        help="MiB of converted adapters kept in memory (LRU); others are read again when used")
     parser.add_argument("--grace-period", type=float, default=30.0,
                         help="seconds accepted requests get to finish on shutdown")
     parser.add_argument("--prompt-cache-size", type=int, default=256,
@@ -220,6 +226,8 @@ def run_serve(args: argparse.Namespace) -> int:
             preview_decoders=_preview_decoders(args.preview_decoder or [], models[0].name),
             cache_interval=args.cache_interval,
             cache_depth=args.cache_depth,
+            lora_dir=args.lora_dir,
+            lora_cache_bytes=int(args.lora_cache_mb * MIB),
         )
     except (ValueError, DiffusiondError) as exc:  # a flag out of range
         log.error("cannot serve: %s", exc)
@@ -317,6 +325,11 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser, target: str = "on
     parser.add_argument("--min-size", type=int, default=0, help="smallest image side in the profile (default: native/2)")
     parser.add_argument("--max-size", type=int, default=0, help="largest image side in the profile (default: native*2)")
     parser.add_argument("--no-verify", action="store_true", help="skip running each network against PyTorch")
+    if not openvino:  # export openvino carries the adapters of the ONNX export it converts (--onnx)
+        parser.add_argument("--lora", action="append", default=[], metavar="NAME:SCALE",
+                            help="fuse a LoRA adapter into the exported UNet at SCALE (-2..2, default 1): NAME in "
+                            "--lora-dir, or a .safetensors file (repeatable; the manifest records them)")
+        parser.add_argument("--lora-dir", default="", metavar="DIR", help="where --lora NAMEs are looked up")
     parser.add_argument("--step-cache-depth", type=int, default=1,
                         help="export the UNet's deep features at this depth and its shallow blocks as unet_shallow, "
                         "for step caching on ONNX Runtime (0: neither)")
@@ -387,10 +400,15 @@ def calibration_from_args(args: argparse.Namespace):
 
 
 def export_options_from_args(args: argparse.Namespace):
+
     from diffusiond.export.int8 import Int8Settings
     from diffusiond.export.onnx_export import ExportOptions
+    from diffusiond.models.lora import parse_adapter_spec
+    from diffusiond.service.adapters import resolve_lora_dir
 
+    lora_dir = resolve_lora_dir(args.lora_dir) if args.lora_dir else None
     return ExportOptions(
+        loras=tuple(parse_adapter_spec(text, lora_dir) for text in args.lora),
         precision=args.precision,
         opset=args.opset,
         profile=export_profile_from_args(args),
@@ -576,6 +594,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     tensorrt_cli.add_arguments(export_trt)
     export_trt.set_defaults(func=tensorrt_cli.run)
+    from diffusiond.training import lora_cli
+
+    train_lora = sub.add_parser(
+        "train-lora", help="train a LoRA adapter for a model's UNet on a folder of captioned images"
+    )
+    lora_cli.add_arguments(train_lora)
+    train_lora.set_defaults(func=lora_cli.run)
     evaluate = sub.add_parser(
         "eval", help="generate the shapes data set's held-out prompts and score them (in-process, no server)"
     )
@@ -585,7 +610,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # What each command needs beyond the client, and the extra that installs it.
-EXTRAS = {"serve": "server", "eval": "server", "create-model": "server", "onnx": "server,onnx",
+EXTRAS = {"serve": "server", "eval": "server", "create-model": "server", "train-lora": "server", "onnx": "server,onnx",
           "tensorrt": "tensorrt"}
 # Modules of those extras: an ImportError naming one means an extra is missing, not a bug.
 EXTRA_MODULES = {"torch", "diffusers", "transformers", "safetensors", "numpy", "scipy", "accelerate", "onnx",

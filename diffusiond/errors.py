@@ -59,6 +59,16 @@ class FailedPrecondition(DiffusiondError):
     (e.g. an engine built for another GPU, a shape outside its profile)."""
 
 
+class AdapterFileError(FailedPrecondition):
+    """An adapter file cannot be used: not a LoRA format diffusiond reads, unreadable, or made for
+    another base model. The message names the file."""
+
+
+class AdapterMismatch(FailedPrecondition):
+    """The request asks for adapters this model cannot apply (an export with other adapters fused
+    into its weights, or a backend that applies none). The message says what the model holds."""
+
+
 class Unavailable(DiffusiondError):
     """The server is loading or draining; retrying later may succeed."""
 

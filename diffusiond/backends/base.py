@@ -14,7 +14,7 @@ retry it with fewer rows.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +23,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from diffusiond.errors import FailedPrecondition, InvalidArgument, OutOfMemory
+from diffusiond.models.lora import LoadedAdapter
+
+# An adapter set as requests carry it: (name, scale) pairs sorted by name, no zero scales; () is none.
+AdapterSet = tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,29 @@ class CachesDeepFeatures(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(model output, deep features). ``deep`` None: the full UNet, returning the features its last
         ``depth`` up blocks read, to reuse; else only the shallow blocks, run on ``deep`` (returned as is)."""
+        ...
+
+
+@runtime_checkable
+class AppliesAdapters(Protocol):
+    """A backend that applies LoRA adapters to its UNet between calls (the PyTorch backends)."""
+
+    def adapter_weight_shapes(self) -> Mapping[str, tuple[int, ...]]:
+        """The UNet's adaptable layers (diffusers module names) and their weight shapes."""
+        ...
+
+    def set_adapters(self, key: Hashable, adapters: Sequence[tuple[LoadedAdapter, float]]) -> None:
+        """Make ``adapters`` (with their scales) the set every later UNet call runs with; () the base model.
+        ``key`` names the set: nothing is done when it is the active one."""
+        ...
+
+
+@runtime_checkable
+class HoldsFusedAdapters(Protocol):
+    """A backend whose networks have adapters fused into their weights at export (fixed, maybe none)."""
+
+    @property
+    def fused_adapters(self) -> AdapterSet:
         ...
 
 

@@ -34,7 +34,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from diffusiond.backends.base import BackendSettings, translate_out_of_memory
+from diffusiond.backends.base import AdapterSet, BackendSettings, translate_out_of_memory
 from diffusiond.errors import FailedPrecondition
 from diffusiond.models.descriptors import (
     REQUIRED_COMPONENTS,
@@ -88,6 +88,7 @@ class Artifact:
     source_sha256: str | None  # the source model's hash; None: unknown (no manifest)
     profile: ShapeProfile  # the shapes it was made for; warm-up runs at their optimum
     problems: tuple[str, ...] = ()  # runtime-specific reasons it cannot be served here
+    adapters: AdapterSet = ()  # LoRA adapters fused into its UNet at export (name, scale)
 
 
 def check_artifact(artifact: Artifact, settings: BackendSettings, backend: str) -> None:
@@ -163,6 +164,11 @@ class GraphBackend:
             preferred = (descriptor.output_names[0], *ALTERNATIVE_OUTPUTS.get(component, ()))
             self._outputs[component] = next((n for n in preferred if n in graph.outputs), graph.outputs[0])
         self._timestep_form = timestep_form(self.graphs[UNET].inputs["timestep"])
+
+    @property
+    def fused_adapters(self) -> AdapterSet:
+        """The LoRA adapters fused into this artifact's UNet (fixed: a request may not ask for others)."""
+        return self.artifact.adapters
 
     # -- what a runtime may refine --------------------------------------------------------------
 

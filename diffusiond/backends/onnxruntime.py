@@ -42,7 +42,7 @@ from diffusiond.models.descriptors import (
     ShapeProfile,
     descriptors_for,
 )
-from diffusiond.models.manifest import infer_precision, manifest_problems, read_manifest
+from diffusiond.models.manifest import fused_adapter_set, infer_precision, manifest_problems, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ class OnnxRuntimeBackend(GraphBackend):
                 graphs[component] = OrtGraph(ort, path, _session_options(ort, level, settings, opts), providers)
 
         if manifest is not None:
-            artifact = Artifact(model_dir, "ONNX export", manifest.precision, manifest.source_sha256, profile)
+            artifact = Artifact(model_dir, "ONNX export", manifest.precision, manifest.source_sha256, profile,
+                                adapters=fused_adapter_set(manifest.adapters))
         else:  # the precision is judged from the graph
             precision = infer_precision(model_dir / UNET / MODEL_FILE, graphs[UNET].input_types)
             artifact = Artifact(model_dir, "ONNX export", precision, None, profile)

@@ -57,7 +57,13 @@ from diffusiond.models.descriptors import (
     ShapeProfile,
     descriptors_for,
 )
-from diffusiond.models.manifest import OPENVINO_FORMAT, infer_precision, manifest_problems, read_manifest
+from diffusiond.models.manifest import (
+    OPENVINO_FORMAT,
+    fused_adapter_set,
+    infer_precision,
+    manifest_problems,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +326,8 @@ class OpenVinoBackend(GraphBackend):
             graphs[component] = OvGraph(ov, compiled, path, parallel, known)
 
         if manifest is not None:
-            artifact = Artifact(model_dir, kind, manifest.precision, manifest.source_sha256, profile)
+            artifact = Artifact(model_dir, kind, manifest.precision, manifest.source_sha256, profile,
+                                adapters=fused_adapter_set(manifest.adapters))
         else:  # the precision is judged from the graph
             if kind == "ONNX export":
                 precision = infer_precision(unet_file)

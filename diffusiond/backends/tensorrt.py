@@ -34,6 +34,7 @@ from diffusiond.backends.base import BackendPlugin, BackendSettings, resolve_dev
 from diffusiond.backends.graph import Artifact, GraphBackend, GraphInput, check_artifact
 from diffusiond.errors import FailedPrecondition
 from diffusiond.models.descriptors import COMPONENTS, descriptors_for
+from diffusiond.models.manifest import fused_adapter_set
 from diffusiond.models.tensorrt_artifact import (
     EngineManifest,
     MachineInfo,
@@ -203,7 +204,8 @@ class TensorRTBackend(GraphBackend):
         problems += missing_engines(model_dir, manifest)
         problems += [f"lists an unknown network {c} in its manifest" for c in manifest.components if c not in COMPONENTS]
         artifact = Artifact(model_dir, "TensorRT artifact", manifest.precision, manifest.model_sha256,
-                            manifest.shape_profile, tuple(problems))
+                            manifest.shape_profile, tuple(problems),
+                            adapters=fused_adapter_set(manifest.source.get("adapters", [])))
         check_artifact(artifact, settings, self.name)
         for note in notes:
             log.warning("%s: %s", model_dir, note)

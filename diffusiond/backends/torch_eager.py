@@ -9,6 +9,7 @@ can run the UNet split for step caching (``models.unet_split``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from diffusiond.backends.base import (
     resolve_device,
     translate_out_of_memory,
 )
+from diffusiond.backends.lora_patch import LoraPatcher
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.models import unet_split
+from diffusiond.models.lora import LoadedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class TorchEagerBackend:
             module.to(self._device).eval().requires_grad_(False)
         self._kv_layers = torch_attention.install(self._unet)
         self._split_depths = tuple(d for d in range(1, len(self._unet.up_blocks)) if _splittable(self._unet, d))
+        self._lora: LoraPatcher | None = None  # made on first use, after any subclass has rearranged the UNet
 
     @property
     def device(self) -> torch.device:
@@ -109,6 +113,20 @@ class TorchEagerBackend:
             return_dict=False,
         )[0]
         return out.float()
+
+    # -- LoRA adapters: fused into the UNet's weights in place, between calls (see lora_patch) -----------
+
+    @property
+    def _patcher(self) -> LoraPatcher:
+        if self._lora is None:
+            self._lora = LoraPatcher(self._unet)
+        return self._lora
+
+    def adapter_weight_shapes(self) -> Mapping[str, tuple[int, ...]]:
+        return self._patcher.weight_shapes()
+
+    def set_adapters(self, key: Hashable, adapters: Sequence[tuple[LoadedAdapter, float]]) -> None:
+        self._patcher.apply(key, adapters)
 
     def step_cache_depths(self) -> tuple[int, ...]:
         return self._split_depths

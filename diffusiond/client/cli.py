@@ -81,7 +81,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="step caching: the full UNet every N steps (faster, approximate; 1: exact; "
                         "default: the server's)")
     parser.add_argument("--cache-depth", type=int, default=0, help="up blocks a step-cached pass runs (default: the server's)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME:SCALE", type=lora_arg,
+                        help="apply the server's LoRA adapter NAME at SCALE (-2..2; default 1); repeatable "
+                        "(`diffusiond models` lists the adapters)")
     add_connection_arguments(parser)
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """``NAME:SCALE`` (or ``NAME``, scale 1) -> (name, scale)."""
+    name, sep, scale = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:SCALE with a number after ':'") from None
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +230,7 @@ def run_generate(args: argparse.Namespace) -> int:
             hires_upscaler=args.hires_upscaler,
             cache_interval=args.cache_interval,
             cache_depth=args.cache_depth,
+            loras=args.lora,
         )
     except ValueError as exc:
         return _fail(str(exc), 2)
@@ -277,7 +292,14 @@ def run_models(args: argparse.Namespace) -> int:
                if m.preview_kinds else "")
             + (f"  step caching: depths {', '.join(map(str, m.step_cache_depths))} (default every "
                f"{m.default_cache_interval} at depth {m.default_cache_depth})\n" if m.step_cache_depths else "")
+            + (f"  fused adapters: {', '.join(f'{a.name}:{a.scale:g}' for a in m.fused_adapters)}\n"
+               if m.fused_adapters else "")
         )
+        for a in m.adapters:
+            what = f"error: {a.error}" if a.error else (
+                f"{a.format}, rank {a.rank}, {a.layers} layers, {a.size_bytes / 1e3:.0f} kB"
+                + (f", for {a.base_model}" if a.base_model else ""))
+            sys.stdout.write(f"  adapter {a.name}: {what}\n")
     return 0
 
 

@@ -6,7 +6,7 @@ import io
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,11 +199,13 @@ def build_request(
     hires_upscaler: str = "latent",
     cache_interval: int = 0,
     cache_depth: int = 0,
+    loras: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default".
 
     ``init_image`` and ``mask`` take encoded bytes, a path, a PIL image or a numpy array;
     ``hires`` a scale (2, "2x") or a size ((w, h), "WxH").
+    ``loras``: LoRA adapters to apply, ``{"name": scale}`` or ``[("name", scale), ...]`` (scale -2..2).
     """
     if output_format.lower() not in FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(FORMATS)}, got {output_format!r}")
@@ -228,6 +230,8 @@ def build_request(
         ),
         cache_interval=cache_interval,
         cache_depth=cache_depth,
+        loras=[pb.LoraRef(name=name, scale=scale)
+               for name, scale in (loras.items() if isinstance(loras, Mapping) else loras or ())],
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale

@@ -12,7 +12,10 @@ and for every backend under test:
   half-way between the data set's grid centres;
 - shape: the circle, square or triangle that, drawn into the region's bounding
   box, overlaps the region best (intersection over union);
-- size: small or large by the bounding box's longer side.
+- size: small or large by the bounding box's longer side;
+- style (``read_style``): ``framed`` when the image's outer ring differs in
+  colour from the background just inside it (the LoRA example's style),
+  else ``plain``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ ATTRIBUTES = ("colour", "background", "shape", "position", "size")
 BORDER = 2
 MIN_CONTRAST = 40.0  # RGB distance below which nothing stands out from the background
 MIN_AREA = 12  # pixels; smaller regions are specks, not shapes
+# The frame detector, in pixels of a 64x64 image: the outer ring read as the frame, the ring inside it read
+# as the background, and the RGB distance between their median colours that makes a frame.
+FRAME_RING = 3
+BACKGROUND_RING = (8, 11)
+MIN_FRAME_CONTRAST = 60.0
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _PALETTE_NAMES], dtype=np.float32)
@@ -104,6 +112,29 @@ def count_shapes(image: np.ndarray) -> int:
     labels, count = ndimage.label(distance > contrast / 2)
     areas = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
     return int((areas >= MIN_AREA * height * width / (64 * 64)).sum())
+
+
+def frame_contrast(image: np.ndarray) -> float:
+    """RGB distance between the median colours of the image's outer ring and of a ring inside it."""
+    pixels = np.asarray(image).astype(np.float32) * (255.0 if np.asarray(image).dtype.kind == "f" else 1.0)
+    height, width = pixels.shape[:2]
+    scale = min(height, width) / 64
+
+    def ring(outer: float, inner: float) -> np.ndarray:
+        a, b = round(outer * scale), round(inner * scale)
+        mask = np.zeros((height, width), dtype=bool)
+        mask[a:height - a, a:width - a] = True
+        mask[b:height - b, b:width - b] = False
+        return mask
+
+    frame = np.median(pixels[ring(0, FRAME_RING)], axis=0)
+    inside = np.median(pixels[ring(*BACKGROUND_RING)], axis=0)
+    return float(np.sqrt(((frame - inside) ** 2).sum()))
+
+
+def read_style(image: np.ndarray) -> str:
+    """``framed`` (a frame along the edges, the LoRA example's style) or ``plain``."""
+    return "framed" if frame_contrast(image) >= MIN_FRAME_CONTRAST else "plain"
 
 
 def _best_shape(region: np.ndarray, box: tuple[int, int, int, int]) -> str:

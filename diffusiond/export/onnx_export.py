@@ -59,6 +59,7 @@ from diffusiond.models.descriptors import (
     ShapeProfile,
     sd_descriptors,
 )
+from diffusiond.models.lora import AdapterSpec
 from diffusiond.models.manifest import (
     MANIFEST_FILE,
     PRECISIONS,
@@ -102,6 +103,8 @@ class ExportOptions:
     # Step caching: the UNet also returns its deep features at this depth and ``unet_shallow`` is
     # exported beside it (0: neither).
     step_cache_depth: int = 1
+    # LoRA adapters fused into the UNet's weights (``--lora NAME:SCALE``); recorded in the manifest.
+    loras: tuple[AdapterSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.step_cache_depth <= 8:
@@ -131,12 +134,25 @@ class ExportOptions:
             "components": sorted(self.components),
             "step_cache_depth": self.step_cache_depth,
         }
+        if self.loras:
+            data["loras"] = fused_adapters_record(self.loras)
         if self.precision == "fp16":
             data["fp16"] = self.fp16.to_json()
         if self.precision == "int8":
             data["int8"] = self.int8.to_json()
             data["calibration"] = self.calibration.to_json()
         return data
+
+
+def fused_adapters_record(loras: tuple[AdapterSpec, ...]) -> list[dict[str, Any]]:
+    """What the manifest says of the adapters fused into an export: name, scale, file and its hash."""
+    import hashlib
+
+    return [
+        {"name": spec.name, "scale": spec.scale, "file": str(spec.path.resolve()),
+         "sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest()}
+        for spec in loras
+    ]
 
 
 @dataclass
@@ -259,6 +275,7 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
                 calibration=calibration_info,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 timings_s={k: round(v, 2) for k, v in progress.durations.items()},
+                adapters=decisive.get("loras", []),
             )
             manifest.write(staging)
     total = sum(c.bytes for c in manifest.components.values())
@@ -346,7 +363,7 @@ def _export_component(
 
     name = descriptor.name
     target = staging / name / onnx_io.MODEL_FILE
-    module = load_torch_network(source, name, descriptor.step_cache_depth)
+    module = load_torch_network(source, name, descriptor.step_cache_depth, options.loras)
     notes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=staging) as tmp:
         raw = Path(tmp) / onnx_io.MODEL_FILE

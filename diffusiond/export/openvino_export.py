@@ -267,6 +267,7 @@ def export_openvino(
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 timings_s={k: round(v, 2) for k, v in progress.durations.items()},
                 format=OPENVINO_FORMAT,
+                adapters=list(onnx_manifest.adapters),  # LoRA adapters fused into the ONNX export it converts
             )
             manifest.write(staging)
     log.info("exported %s -> %s (OpenVINO IR, %s) in %.1fs", source, out, options.precision, progress.elapsed)

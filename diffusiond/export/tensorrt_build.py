@@ -295,6 +295,8 @@ def build_engines(
                     "sha256": onnx_sha,
                     "onnx_precision": onnx_manifest.precision if onnx_manifest else plan.precision,
                     "model_sha256": onnx_manifest.source_sha256 if onnx_manifest else "",
+                    # LoRA adapters the ONNX export fused into its UNet, and so into these engines.
+                    "adapters": onnx_manifest.adapters if onnx_manifest else [],
                 },
                 components=components,
                 profile=plan.profile.to_json(),

@@ -7,11 +7,14 @@ signature is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from diffusiond.backends.lora_patch import LoraPatcher
 from diffusiond.models.descriptors import TEXT_ENCODER, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
+from diffusiond.models.lora import AdapterSpec, inspect_file, load_adapter
 from diffusiond.models.unet_split import check_splittable, split_forward
 
 
@@ -74,8 +77,20 @@ class VaeEncoderOutputs(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
-def load_torch_network(model_dir: Path, component: str, step_cache_depth: int = 0) -> torch.nn.Module:
-    """One network of a diffusers-format model, fp32, eval mode, wrapped to its descriptor's I/O.
+def fuse_adapters(unet: torch.nn.Module, loras: Sequence[AdapterSpec]) -> None:
+    """Add each adapter's update, at its scale, to ``unet``'s weights for good (AdapterFileError naming a file
+    that is no LoRA or does not fit this UNet)."""
+    patcher = LoraPatcher(unet)
+    shapes = patcher.weight_shapes()
+    loaded = [(load_adapter(inspect_file(spec.path, spec.name), shapes), spec.scale) for spec in loras]
+    patcher.apply(tuple((spec.name, spec.scale) for spec in loras), loaded)
+
+
+def load_torch_network(
+    model_dir: Path, component: str, step_cache_depth: int = 0, loras: Sequence[AdapterSpec] = ()
+) -> torch.nn.Module:
+    """One network of a diffusers-format model, fp32, eval mode, wrapped to its descriptor's I/O; the UNet
+    with ``loras`` fused into its weights.
 
     Loaded one at a time so that exporting a large model holds one network in memory, not four.
     """
@@ -95,6 +110,8 @@ def load_torch_network(model_dir: Path, component: str, step_cache_depth: int = 
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
         if step_cache_depth:
             check_splittable(unet, step_cache_depth)
+        if loras:
+            fuse_adapters(unet, loras)
         module = UNetOutputs(unet, step_cache_depth) if component == UNET else UNetShallowOutputs(unet, step_cache_depth)
     elif component in (VAE_DECODER, VAE_ENCODER):
         from diffusers import AutoencoderKL

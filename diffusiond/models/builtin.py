@@ -22,6 +22,8 @@ from diffusiond.errors import NotFound
 
 BUILTIN_NAME = "builtin"
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_weights"
+# LoRA adapters trained for the built-in model, shipped with the package (``serve --lora-dir builtin``).
+BUILTIN_ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
 
 
 def cache_root() -> Path:

@@ -58,6 +58,8 @@ class Manifest:
     calibration: dict[str, Any] | None = None
     created: str = ""
     timings_s: dict[str, float] = field(default_factory=dict)
+    # LoRA adapters fused into the UNet's weights: [{"name", "scale", "file", "sha256"}]; empty: none.
+    adapters: list[dict[str, Any]] = field(default_factory=list)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -82,6 +84,11 @@ class Manifest:
         fields = dict(data)
         fields["components"] = {name: ComponentEntry(**entry) for name, entry in data["components"].items()}
         return cls(**fields)
+
+
+def fused_adapter_set(adapters: list[dict[str, Any]]) -> tuple[tuple[str, float], ...]:
+    """A manifest's fused adapters as the (name, scale) set requests name, sorted by name."""
+    return tuple(sorted((str(a["name"]), float(a["scale"])) for a in adapters if float(a["scale"]) != 0.0))
 
 
 def read_manifest(directory: Path) -> Manifest | None:

@@ -116,6 +116,9 @@ class GenerationRequest:
     # above ``cache_depth`` up blocks) in between; 1 runs the full UNet at every step (exact).
     cache_interval: int = 1
     cache_depth: int = 1
+    # LoRA adapters: (name, scale) pairs sorted by name, zero scales dropped (so a scale of 0 is
+    # exactly the base model); () for none. Requests with different sets never share a UNet call.
+    adapters: tuple[tuple[str, float], ...] = ()
 
     @property
     def caches_steps(self) -> bool:
@@ -130,21 +133,22 @@ class GenerationRequest:
         """Image i uses seed + i (mod 2^64): it can be reproduced alone with that seed."""
         return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]
 
-    def latent_group(self) -> tuple[str, int, int]:
-        """Requests with equal groups can share a UNet call: same model and latent shape.
+    def latent_group(self) -> tuple[object, ...]:
+        """Requests with equal groups can share a UNet call: same model, latent shape and adapter set.
 
         Steps, scheduler, guidance, seed and prompts may differ: every row carries
         its own timestep and every request keeps its own scheduler. Image inputs
         travel in each request's own state, so they do not split groups either.
+        Adapters are fused into the UNet's weights, so one call runs one adapter set.
         This is the group of the first pass: a hi-res request changes group for
         its second pass (see ``service.batcher``).
         """
-        return (self.model, self.width, self.height)
+        return (self.model, self.width, self.height, self.adapters)
 
     def static_group(self) -> tuple[object, ...]:
         """What static batching (start together, finish together) also requires: the same timesteps."""
         strength = None if self.init is None else self.init.strength
-        return (self.model, self.width, self.height, self.steps, self.scheduler, strength, self.hires)
+        return (self.model, self.width, self.height, self.adapters, self.steps, self.scheduler, strength, self.hires)
 
 
 @dataclass

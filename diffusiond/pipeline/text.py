@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ class PromptEncoder:
         self._tokenizer = tokenizer
         self._backend = backend
         self._max_length = max_length
-        self._cache: OrderedDict[str, Encoding] = OrderedDict()
+        self._cache: OrderedDict[Hashable, Encoding] = OrderedDict()
         self._cache_size = cache_size
         self._cache_bytes = cache_bytes
         self._bytes = 0
@@ -72,11 +73,14 @@ class PromptEncoder:
         full_length = len(self._tokenizer(text, truncation=False).input_ids)
         return ids, max(0, full_length - self._max_length)
 
-    def encode(self, text: str) -> Encoding:
+    def encode(self, text: str, adapters: Hashable = ()) -> Encoding:
+        """``text``'s encoding. Where keys and values are precomputed they depend on the UNet's weights, so
+        ``adapters`` (the adapter set active on the backend now) is part of the cache key."""
+        key = (text, adapters if isinstance(self._backend, CachesCrossAttention) else ())
         with self._lock:
-            cached = self._cache.get(text)
+            cached = self._cache.get(key)
             if cached is not None:
-                self._cache.move_to_end(text)
+                self._cache.move_to_end(key)
                 self.hits += 1
                 return cached
             self.misses += 1
@@ -84,10 +88,10 @@ class PromptEncoder:
         hidden = self._backend.text_encoder(ids)
         kv = self._backend.cross_attention_kv(hidden) if isinstance(self._backend, CachesCrossAttention) else None
         encoding = Encoding(hidden, truncated, kv)
-        self._remember(text, encoding)
+        self._remember(key, encoding)
         return encoding
 
-    def _remember(self, text: str, encoding: Encoding) -> None:
+    def _remember(self, text: Hashable, encoding: Encoding) -> None:
         if self._cache_size <= 0 or encoding.size_bytes > self._cache_bytes:
             return
         with self._lock:

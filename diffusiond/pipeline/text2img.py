@@ -46,17 +46,18 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from diffusiond.backends.base import Backend, CachesDeepFeatures, CrossAttentionKV
+from diffusiond.backends.base import AdapterSet, AppliesAdapters, Backend, CachesDeepFeatures, CrossAttentionKV
 from diffusiond.errors import OutOfMemory, ResourceExhausted
 from diffusiond.models.config import ModelConfig
 from diffusiond.models.latent_rgb import SD_PROJECTION, LatentRGB
+from diffusiond.models.lora import LoadedAdapter
 from diffusiond.pipeline import conditioning as images_in
 from diffusiond.pipeline import previews
 from diffusiond.pipeline.memory import RowRunner, release_cached_memory
@@ -79,6 +80,13 @@ from diffusiond.pipeline.tiny_decoder import TinyDecoder
 log = logging.getLogger(__name__)
 
 Context = torch.Tensor | CrossAttentionKV
+
+
+class AdapterSource(Protocol):
+    """Where the pipeline gets a LoRA adapter's tensors by name, for its model (``service.adapters``)."""
+
+    def load(self, name: str) -> LoadedAdapter:
+        ...
 
 
 # Sizes whose all-white-mask conditioning (for rows without a mask on an inpainting UNet) is kept.
@@ -159,9 +167,10 @@ class RequestState:
         """UNet rows per step: one per image, two with guidance."""
         return self.request.num_images * (1 if self.uncond is None else 2)
 
-    def latent_group(self) -> tuple[str, int, int]:
-        """The request's latent group for the pass in progress (a hi-res pass changes it)."""
-        return (self.request.model, self.current.width, self.current.height)
+    def latent_group(self) -> tuple[object, ...]:
+        """The request's latent group for the pass in progress (a hi-res pass changes it; its adapter set does
+        not change)."""
+        return (self.request.model, self.current.width, self.current.height, self.request.adapters)
 
     @property
     def unet_pass(self) -> UNetPass:
@@ -192,10 +201,12 @@ class Text2ImagePipeline:
         schedulers: SchedulerFactory,
         config: ModelConfig,
         safety: SafetyChecker | None = None,
+        adapters: AdapterSource | None = None,
         latent_rgb: LatentRGB | None = None,
         tiny_decoder: TinyDecoder | None = None,
     ) -> None:
         self.backend = backend
+        self.adapters = adapters  # LoRA adapters by name, for a backend that applies them
         self.prompts = prompts
         self.schedulers = schedulers
         self.config = config
@@ -295,10 +306,12 @@ class Text2ImagePipeline:
         started = time.perf_counter()
         warnings: list[str] = []
         k = request.num_images
+        adapters = self.use_adapters(request.adapters)  # precomputed cross-attention keys and values depend on them
         try:
-            cond = self._encode(request.prompt, "prompt", warnings)
+            cond = self._encode(request.prompt, "prompt", warnings, adapters)
             uncond = (
-                self._encode(request.negative_prompt, "negative_prompt", warnings) if request.uses_guidance else None
+                self._encode(request.negative_prompt, "negative_prompt", warnings, adapters)
+                if request.uses_guidance else None
             )
         except OutOfMemory:
             release_cached_memory(self.backend.device)
@@ -446,8 +459,23 @@ class Text2ImagePipeline:
             self._full_mask[key] = cached
         return cached
 
-    def _encode(self, text: str, field_name: str, warnings: list[str]) -> Context:
-        encoding = self.prompts.encode(text)
+    def use_adapters(self, adapters: AdapterSet) -> tuple[object, ...]:
+        """Make ``adapters`` the backend's adapter set (nothing to do when it is already, or on a backend whose
+        adapters are fixed at export: the resolver has checked those). Returns the set's key: names, scales
+        and the files' versions, so an adapter file replaced on disk is a new set."""
+        if not adapters or not isinstance(self.backend, AppliesAdapters):
+            if isinstance(self.backend, AppliesAdapters):
+                self.backend.set_adapters((), [])
+            return ()
+        if self.adapters is None:
+            raise RuntimeError("a request with adapters reached a pipeline without an adapter source")
+        loaded = [(self.adapters.load(name), scale) for name, scale in adapters]
+        key = tuple((a.name, scale, a.file.mtime_ns, a.file.size_bytes) for a, scale in loaded)
+        self.backend.set_adapters(key, loaded)
+        return key
+
+    def _encode(self, text: str, field_name: str, warnings: list[str], adapters: Hashable = ()) -> Context:
+        encoding = self.prompts.encode(text, adapters)
         if encoding.truncated_tokens:
             warnings.append(
                 f"{field_name} was truncated: {encoding.truncated_tokens} tokens beyond the text "
@@ -474,6 +502,10 @@ class Text2ImagePipeline:
         shapes = {tuple(state.latents.shape[1:]) for state in active}
         if len(shapes) != 1:
             raise ValueError(f"states in one step must share their latent shape; got {sorted(shapes)}")
+        adapter_sets = {state.request.adapters for state in active}
+        if len(adapter_sets) != 1:
+            raise ValueError(f"states in one step must share their adapter set; got {sorted(adapter_sets)}")
+        self.use_adapters(adapter_sets.pop())
 
         now = time.perf_counter()
         for state in active:

@@ -34,6 +34,7 @@ from diffusiond.server.limits import ClientLimits, ClientLimitSettings
 from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetrics
 from diffusiond.server.servicer import DiffusionServicer
 from diffusiond.server.tls import TlsSettings, server_credentials
+from diffusiond.service.adapters import AdapterLibrary, resolve_lora_dir
 from diffusiond.service.batcher import Batcher, BatcherSettings
 from diffusiond.service.generation import GenerationService
 from diffusiond.service.image_decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
@@ -86,6 +87,8 @@ class ServerSettings:
     preview_decoders: dict[str, str] = field(default_factory=dict)
     cache_interval: int = 1  # step caching for requests that leave it at 0 (1: off, exact)
     cache_depth: int = 1
+    lora_dir: str = ""  # LoRA adapters served from this directory ("" none)
+    lora_cache_bytes: int = 256 * 2**20  # converted adapters kept in memory (LRU)
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -239,6 +242,8 @@ class DiffusionServer:
         log.info("serving %s", ", ".join(m.name for m in self.registry))
 
     def _load_models(self) -> None:
+        library = AdapterLibrary(resolve_lora_dir(self.settings.lora_dir), self.settings.lora_cache_bytes) \
+            if self.settings.lora_dir else None
         for source in self.settings.models:
             model = load_model(
                 source.name,
@@ -252,6 +257,7 @@ class DiffusionServer:
                 default_cache_interval=self.settings.cache_interval,
                 default_cache_depth=self.settings.cache_depth,
                 preview_decoder=_path_or_none(self.settings.preview_decoders.get(source.name, "")),
+                lora_library=library,
             )
             if self.settings.warmup:
                 warm_up(model)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
+from diffusiond.backends.base import HoldsFusedAdapters
 from diffusiond.errors import InvalidArgument
 from diffusiond.pipeline.request import ImageFormat, PreviewKind, Upscaler
 from diffusiond.service.batcher import QueuedInfo
@@ -103,6 +104,7 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         hires=hires_from_proto(msg.hires) if msg.HasField("hires") else None,
         cache_interval=msg.cache_interval,
         cache_depth=msg.cache_depth,
+        loras=tuple((ref.name, ref.scale) for ref in msg.loras),
     )
 
 
@@ -137,6 +139,7 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
         ),
         cache_interval=params.cache_interval,
         cache_depth=params.cache_depth,
+        loras=[pb.LoraRef(name=name, scale=scale) for name, scale in params.loras],
     )
     if params.guidance_scale is not None:
         msg.guidance_scale = params.guidance_scale
@@ -266,4 +269,13 @@ def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
         default_cache_interval=limits.default_cache_interval,
         default_cache_depth=limits.default_cache_depth,
         preview_kinds=[_PREVIEW_TO_PROTO[kind] for kind in preview_kinds(model)],
+        adapters=[
+            pb.AdapterInfo(name=a.name, file=a.file, format=a.format, rank=a.rank, base_model=a.base_model,
+                           layers=a.layers, size_bytes=a.size_bytes, error=a.error)
+            for a in (model.adapters.describe() if model.adapters is not None else [])
+        ],
+        fused_adapters=[
+            pb.LoraRef(name=name, scale=scale)
+            for name, scale in (model.backend.fused_adapters if isinstance(model.backend, HoldsFusedAdapters) else ())
+        ],
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from diffusiond.backends import registry as backends
-from diffusiond.backends.base import Backend, BackendSettings
+from diffusiond.backends.base import AppliesAdapters, Backend, BackendSettings
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
 from diffusiond.pipeline import tiny_decoder
@@ -21,6 +21,7 @@ from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
 from diffusiond.pipeline.tiny_decoder import TinyDecoder
+from diffusiond.service.adapters import AdapterLibrary, ModelAdapters
 from diffusiond.service.image_decode import ImageLimits
 from diffusiond.service.limits import ModelLimits
 from diffusiond.service.resolver import GenerationParams, resolve
@@ -55,6 +56,7 @@ class LoadedModel:
     backend: Backend
     pipeline: Text2ImagePipeline
     limits: ModelLimits
+    adapters: ModelAdapters | None = None  # LoRA adapters from --lora-dir, where the backend applies them
 
     @property
     def schedulers(self) -> SchedulerFactory:
@@ -86,6 +88,7 @@ def load_model(
     default_cache_interval: int = 1,
     default_cache_depth: int = 1,
     preview_decoder: Path | None = None,
+    lora_library: AdapterLibrary | None = None,
 ) -> LoadedModel:
     """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
     from ``safety_checker`` when given; it runs on the backend's device, in PyTorch). TINY_DECODER previews use
@@ -103,15 +106,18 @@ def load_model(
     projection = load_projection(model_dir, config, backend)
     tiny_path = tiny_decoder.find(model_dir, preview_decoder)
     tiny = TinyDecoder.load(tiny_path, backend.device, config.latent_channels) if tiny_path is not None else None
+    adapters = None
+    if lora_library is not None and isinstance(backend, AppliesAdapters):
+        adapters = lora_library.for_model(name, backend.adapter_weight_shapes(), backend.device)
     pipeline = Text2ImagePipeline(
-        backend, prompts, SchedulerFactory(config.scheduler_config), config, safety,
+        backend, prompts, SchedulerFactory(config.scheduler_config), config, safety, adapters,
         latent_rgb=projection, tiny_decoder=tiny,
     )
     limits = ModelLimits.for_model(
         config, max_size=max_size, input_images=input_images or ImageLimits(),
         default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth,
     )
-    model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
+    model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits, adapters=adapters)
     support = model.image_support
     log.info(
         "loaded model %s from %s on %s (%s, %s); native size %d, default scheduler %s; image inputs: %s",

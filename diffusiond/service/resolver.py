@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from diffusiond.backends.base import CachesDeepFeatures
-from diffusiond.errors import FailedPrecondition, InvalidArgument
+from diffusiond.backends.base import AdapterSet, AppliesAdapters, CachesDeepFeatures, HoldsFusedAdapters
+from diffusiond.errors import AdapterMismatch, FailedPrecondition, InvalidArgument, NotFound, shown
 from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec, Upscaler
 from diffusiond.service import image_inputs
 from diffusiond.service.image_inputs import HiresParams
@@ -34,6 +34,9 @@ MAX_REQUEST_ID_CHARS = 128
 REQUEST_ID_PATTERN = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 RANDOM_SEED_BITS = 32  # random seeds stay short enough to read and type back
 SEED_LIMIT = 2**64
+MAX_LORA_SCALE = 2.0
+MAX_LORAS = 8
+LORA_SCALE_DECIMALS = 6  # scales arrive as float32: 0.8 is 0.800000011920929 on the wire
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class GenerationParams:
     preview: PreviewParams = field(default_factory=PreviewParams)
     cache_interval: int = 0
     cache_depth: int = 0
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), as the client listed them
     request_id: str = ""
     client: str = ""  # who asked (an auth token's name), for logs; not part of the request itself
     # Image inputs (img2img, inpainting) as encoded bytes, and a hi-res pass; see ``image_inputs``.
@@ -173,6 +177,7 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         )
 
     cache_interval, cache_depth = _step_cache(params, model)
+    adapters = resolve_adapters(params.loras, model)
     scheduler = model.schedulers.resolve(params.scheduler)
     init = None
     if decoded is not None:
@@ -197,7 +202,59 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         hires=hires,
         cache_interval=cache_interval,
         cache_depth=cache_depth,
+        adapters=adapters,
     )
+
+
+def describe_adapters(adapters: AdapterSet) -> str:
+    return ", ".join(f"{name}:{scale:g}" for name, scale in adapters) or "no adapters"
+
+
+def resolve_adapters(loras: tuple[tuple[str, float], ...], model: LoadedModel) -> AdapterSet:
+    """The request's adapter set: checked (names, scales, files), zero scales dropped, sorted by name.
+
+    Unknown names are NotFound naming them; a file that is no LoRA or was made for another base model is
+    AdapterFileError naming the file; adapters an exported model does not hold are AdapterMismatch saying
+    what it holds.
+    """
+    if len(loras) > MAX_LORAS:
+        raise InvalidArgument("loras", f"at most {MAX_LORAS} adapters per request, got {len(loras)}")
+    seen: set[str] = set()
+    pairs = []
+    for i, (name, scale) in enumerate(loras):
+        if not name:
+            raise InvalidArgument(f"loras[{i}].name", "must not be empty")
+        if name in seen:
+            raise InvalidArgument(f"loras[{i}].name", f"adapter {shown(name)} is named twice")
+        if not math.isfinite(scale) or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise InvalidArgument(f"loras[{i}].scale", f"must be between {-MAX_LORA_SCALE} and {MAX_LORA_SCALE}, "
+                                  f"got {scale}")
+        seen.add(name)
+        scale = round(float(scale), LORA_SCALE_DECIMALS)
+        if scale != 0.0:
+            pairs.append((name, scale))
+    requested: AdapterSet = tuple(sorted(pairs))
+    backend = model.backend
+    if isinstance(backend, HoldsFusedAdapters):
+        fused = backend.fused_adapters
+        if requested and requested != fused:
+            raise AdapterMismatch(
+                f"loras: model {model.name!r} is an export served by the {backend.name} backend with "
+                f"{describe_adapters(fused)} fused into its weights; it cannot apply {describe_adapters(requested)}. "
+                "Ask for exactly the fused adapters or none, or export the model with the adapters you need "
+                "(diffusiond export onnx --lora NAME:SCALE)"
+            )
+        return requested
+    if not loras:
+        return ()
+    if not isinstance(backend, AppliesAdapters):
+        raise AdapterMismatch(f"loras: model {model.name!r} runs on the {backend.name} backend, which applies "
+                              "no adapters")
+    if model.adapters is None:
+        raise NotFound(f"adapter {shown(loras[0][0])}: this server serves no adapters (start it with --lora-dir DIR)")
+    for name, _ in loras:
+        model.adapters.check(name)
+    return requested
 
 
 def check_image_support(params: GenerationParams, model: LoadedModel) -> None:

@@ -37,6 +37,8 @@ def result_key(request: GenerationRequest, model: LoadedModel) -> ResultKey:
         request.cache_depth if request.caches_steps else 0,
         request.init,  # strength, mask options and the digest of the image bytes (not the pixels)
         request.hires,
+        request.adapters,
+        tuple(model.adapters.version(name) for name, _ in request.adapters) if model.adapters is not None else (),
     )
 
 

@@ -7,6 +7,14 @@ seed, into a training set, a validation set (to pick sampling defaults) and a
 held-out test set whose captions the model never sees in training: scores on
 the held-out prompts measure whether it learned the words, not the captions.
 
+A style says how the picture is drawn: ``plain`` (the built-in model's
+training data) or ``framed`` (the same scene inside a frame ``FRAME_WIDTH``
+pixels wide along the image's edges, white, or black on a white background):
+the style the project's example LoRA adapter teaches, which the base model
+never saw. (Thinner styles, such as shapes drawn as outlines, do not survive
+the built-in model's autoencoder, whose latents are 8x8: it decodes them
+filled, so no UNet adapter could draw them.)
+
 Shapes are drawn at 4x resolution and box-filtered down, so edges are
 anti-aliased the way a decoder would draw them. Positions are the centres of a
 3x3 grid with a little jitter; the scorer's thresholds lie half-way between
@@ -55,6 +63,11 @@ POSITIONS: dict[str, tuple[int, int]] = {
 GRID_CENTRES = (18, 32, 46)  # pixel centre of grid column/row 0, 1, 2
 POSITION_JITTER = 2  # pixels, each axis
 SIZE_JITTER = 2  # pixels
+
+# How a picture is drawn: "plain" (the built-in model's data) or "framed" (the LoRA example's style).
+STYLES = ("plain", "framed")
+FRAME_WIDTH = 5  # pixels of the 64x64 image
+FRAME_COLOURS = {"white": "black"}  # background -> frame colour where it is not white
 
 SPLIT_SEED = 20240601
 TEST_SIZE = 300
@@ -167,20 +180,31 @@ def coverage(shape: str, box: tuple[float, float, float, float], size: int = IMA
     return np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
-def render(scene: Scene, placement: Placement) -> np.ndarray:
-    """The scene as a uint8 RGB array [64, 64, 3]."""
+def frame_colour(background: str) -> str:
+    """The ``framed`` style's frame colour on ``background``: white, or black on white."""
+    return FRAME_COLOURS.get(background, "white")
+
+
+def render(scene: Scene, placement: Placement, style: str = "plain") -> np.ndarray:
+    """The scene as a uint8 RGB array [64, 64, 3], drawn in ``style`` (see ``STYLES``)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
     big = Image.new("RGB", (IMAGE_SIZE * SUPERSAMPLE,) * 2, COLOURS[scene.background])
     h = placement.side / 2
     box = (placement.cx - h, placement.cy - h, placement.cx + h, placement.cy + h)
-    draw_shape(ImageDraw.Draw(big), scene.shape, tuple(v * SUPERSAMPLE for v in box), COLOURS[scene.colour])  # type: ignore[arg-type]
+    draw = ImageDraw.Draw(big)
+    draw_shape(draw, scene.shape, tuple(v * SUPERSAMPLE for v in box), COLOURS[scene.colour])  # type: ignore[arg-type]
+    if style == "framed":
+        draw.rectangle([0, 0, big.width - 1, big.height - 1], outline=COLOURS[frame_colour(scene.background)],
+                       width=FRAME_WIDTH * SUPERSAMPLE)
     return np.asarray(big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX))
 
 
-def sample(scenes: tuple[Scene, ...], seed: int, index: int) -> tuple[Scene, np.ndarray]:
+def sample(scenes: tuple[Scene, ...], seed: int, index: int, style: str = "plain") -> tuple[Scene, np.ndarray]:
     """Example ``index`` of a seeded stream: the same (seed, index) always gives the same image."""
     rng = random.Random(seed * 1_000_003 + index)
     scene = scenes[rng.randrange(len(scenes))]
-    return scene, render(scene, place(scene, rng))
+    return scene, render(scene, place(scene, rng), style)
 
 
 def batch(scenes: tuple[Scene, ...], seed: int, start: int, count: int) -> tuple[list[str], np.ndarray]:
@@ -192,3 +216,19 @@ def batch(scenes: tuple[Scene, ...], seed: int, start: int, count: int) -> tuple
         captions.append(scene.caption)
         images.append(image)
     return captions, np.stack(images)
+
+
+def write_images(out, scenes: tuple[Scene, ...], seed: int, count: int, style: str = "plain") -> list[Scene]:
+    """Write examples 0..count-1 of a seeded stream as ``NNNN.png`` with the caption in ``NNNN.txt`` beside
+    each (the layout ``diffusiond train-lora --images`` reads); returns their scenes."""
+    from pathlib import Path
+
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(count):
+        scene, image = sample(scenes, seed, index, style)
+        Image.fromarray(image).save(directory / f"{index:04d}.png")
+        (directory / f"{index:04d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
+        written.append(scene)
+    return written

@@ -88,7 +88,7 @@ class PreviewOptions(_message.Message):
     def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., every_n_steps: _Optional[int] = ..., max_size: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "init_image", "strength", "mask_image", "mask_blur", "keep_unmasked", "hires", "cache_interval", "cache_depth")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "init_image", "strength", "mask_image", "mask_blur", "keep_unmasked", "hires", "cache_interval", "cache_depth", "loras")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class GenerateRequest(_message.Message):
     HIRES_FIELD_NUMBER: _ClassVar[int]
     CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -133,7 +134,16 @@ class GenerateRequest(_message.Message):
     hires: HiresOptions
     cache_interval: int
     cache_depth: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., keep_unmasked: _Optional[bool] = ..., hires: _Optional[_Union[HiresOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraRef]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., keep_unmasked: _Optional[bool] = ..., hires: _Optional[_Union[HiresOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ...) -> None: ...
+
+class LoraRef(_message.Message):
+    __slots__ = ("name", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed", "index", "filtered")
@@ -256,7 +266,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth", "preview_kinds")
+    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth", "adapters", "fused_adapters", "preview_kinds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +290,8 @@ class ModelInfo(_message.Message):
     STEP_CACHE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    FUSED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_KINDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
@@ -304,8 +316,30 @@ class ModelInfo(_message.Message):
     step_cache_depths: _containers.RepeatedScalarFieldContainer[int]
     default_cache_interval: int
     default_cache_depth: int
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    fused_adapters: _containers.RepeatedCompositeFieldContainer[LoraRef]
     preview_kinds: _containers.RepeatedScalarFieldContainer[PreviewKind]
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ..., preview_kinds: _Optional[_Iterable[_Union[PreviewKind, str]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., fused_adapters: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., preview_kinds: _Optional[_Iterable[_Union[PreviewKind, str]]] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "file", "format", "rank", "base_model", "layers", "size_bytes", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    file: str
+    format: str
+    rank: int
+    base_model: str
+    layers: int
+    size_bytes: int
+    error: str
+    def __init__(self, name: _Optional[str] = ..., file: _Optional[str] = ..., format: _Optional[str] = ..., rank: _Optional[int] = ..., base_model: _Optional[str] = ..., layers: _Optional[int] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ImageInputSupport(_message.Message):
     __slots__ = ("img2img", "inpainting", "inpainting_method", "hires", "max_image_bytes", "max_image_pixels")
