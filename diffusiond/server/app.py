@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
 from diffusiond.backends.base import BackendSettings
-from diffusiond.errors import MissingDependency
+from diffusiond.errors import MissingDependency, NotFound
 from diffusiond.models.sources import ModelSource, resolve_model_dir
 from diffusiond.server import transport
 from diffusiond.server.auth import TokenStore
@@ -35,6 +35,7 @@ from diffusiond.server.metrics import CacheCollector, GpuCollector, ServerMetric
 from diffusiond.server.servicer import DiffusionServicer
 from diffusiond.server.tls import TlsSettings, server_credentials
 from diffusiond.service.batcher import Batcher, BatcherSettings
+from diffusiond.service.control import ControlNetSource
 from diffusiond.service.generation import GenerationService
 from diffusiond.service.limits import ModelLimits
 from diffusiond.service.models import ModelRegistry, load_model, warm_up
@@ -79,6 +80,7 @@ class ServerSettings:
     safety_checker: str = ""  # a StableDiffusionSafetyChecker directory: every model's outputs are filtered
     cache_interval: int = 1  # step caching for requests that leave it at 0 (1: off, exact)
     cache_depth: int = 1
+    controlnets: list[ControlNetSource] = field(default_factory=list)  # attached at load; "" model: the first
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -211,7 +213,13 @@ class DiffusionServer:
         log.info("serving %s", ", ".join(m.name for m in self.registry))
 
     def _load_models(self) -> None:
-        for source in self.settings.models:
+        names = [source.name for source in self.settings.models]
+        for controlnet in self.settings.controlnets:
+            if controlnet.model and controlnet.model not in names:
+                raise NotFound(f"--controlnet {controlnet.name}: no model named {controlnet.model!r} is served")
+        for index, source in enumerate(self.settings.models):
+            attached = {c.name: c.path for c in self.settings.controlnets
+                        if c.model == source.name or (not c.model and index == 0)}
             model = load_model(
                 source.name,
                 resolve_model_dir(source.location),
@@ -222,6 +230,7 @@ class DiffusionServer:
                 safety_checker=Path(self.settings.safety_checker) if self.settings.safety_checker else None,
                 default_cache_interval=self.settings.cache_interval,
                 default_cache_depth=self.settings.cache_depth,
+                controlnets=attached or None,
             )
             if self.settings.warmup:
                 warm_up(model)

@@ -17,6 +17,7 @@ from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.errors import InvalidArgument
 from diffusiond.pipeline.request import ImageFormat, PreviewKind
 from diffusiond.service.batcher import QueuedInfo
+from diffusiond.service.control import ControlParams
 from diffusiond.service.models import LoadedModel
 from diffusiond.service.outputs import EncodedImage, EncodedResult, StartedEvent, StepEvent
 from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id, step_cache_depths
@@ -79,7 +80,28 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         preview=PreviewParams(PREVIEW_KINDS[msg.preview.kind], msg.preview.every_n_steps, msg.preview.max_size),
         cache_interval=msg.cache_interval,
         cache_depth=msg.cache_depth,
+        control=control_from_proto(msg.control) if msg.HasField("control") else None,
     )
+
+
+def control_from_proto(msg: pb.ControlOptions) -> ControlParams:
+    def optional(name: str) -> float | None:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return ControlParams(
+        controlnet=msg.controlnet, image=msg.image, canny_from=msg.canny_from,
+        canny_low=optional("canny_low"), canny_high=optional("canny_high"), scale=optional("scale"),
+        guidance_start=optional("guidance_start"), guidance_end=optional("guidance_end"),
+    )
+
+
+def control_to_proto(control: ControlParams) -> pb.ControlOptions:
+    msg = pb.ControlOptions(controlnet=control.controlnet, image=control.image, canny_from=control.canny_from)
+    for name in ("canny_low", "canny_high", "scale", "guidance_start", "guidance_end"):
+        value = getattr(control, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
 
 
 def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
@@ -107,6 +129,8 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
         msg.guidance_scale = params.guidance_scale
     if params.seed is not None:
         msg.seed = params.seed
+    if params.control is not None:
+        msg.control.CopyFrom(control_to_proto(params.control))
     return msg
 
 
@@ -207,6 +231,7 @@ def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
         latent_scaling_factor=model.config.scaling_factor,
         is_default=is_default,
         step_cache_depths=step_cache_depths(model),
+        controlnets=[pb.ControlNetInfo(name=c.name, conditioning=c.conditioning) for c in model.controlnets.values()],
         default_cache_interval=limits.default_cache_interval,
         default_cache_depth=limits.default_cache_depth,
     )

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffusiond.backends import registry as backends
 from diffusiond.backends.base import Backend, BackendSettings
+from diffusiond.backends.torch_eager import TorchEagerBackend
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
 from diffusiond.pipeline.safety import SafetyChecker
 from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
+from diffusiond.service import control
 from diffusiond.service.limits import ModelLimits
 from diffusiond.service.resolver import GenerationParams, resolve
 
@@ -29,6 +31,7 @@ class LoadedModel:
     backend: Backend
     pipeline: Text2ImagePipeline
     limits: ModelLimits
+    controlnets: dict[str, control.ControlNetInfo] = field(default_factory=dict)
 
     @property
     def schedulers(self) -> SchedulerFactory:
@@ -54,9 +57,11 @@ def load_model(
     safety_checker: Path | None = None,
     default_cache_interval: int = 1,
     default_cache_depth: int = 1,
+    controlnets: dict[str, Path] | None = None,
 ) -> LoadedModel:
     """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
-    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch)."""
+    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch), with ``controlnets``
+    (name -> directory) attached; the built-in model gets the shipped canny ControlNet unless named."""
     config = load_model_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     backend = backends.create_backend(backend_name, model_dir, settings or BackendSettings())
@@ -72,9 +77,26 @@ def load_model(
         config.default_size, pipeline.schedulers.default_name,
     )
     model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
+    for controlnet_name in control.carried(backend):  # exports carry theirs
+        model.controlnets[controlnet_name] = control.carried_info(controlnet_name, model_dir)
+    attached = dict(controlnets or {})
+    if not attached and _is_builtin(model_dir) and control.BUILTIN_CONTROLNET_DIR.is_dir():
+        if isinstance(backend, TorchEagerBackend):  # other backends serve the built-in model without it
+            attached[control.BUILTIN_CONTROLNET_NAME] = control.BUILTIN_CONTROLNET_DIR
+    for controlnet_name, path in attached.items():
+        model.controlnets[controlnet_name] = control.attach(backend, controlnet_name, Path(path))
     if default_cache_interval > 1:  # the server's default must work for this model
         resolve(GenerationParams(prompt="check", request_id="startup"), model)
     return model
+
+
+def _is_builtin(model_dir: Path) -> bool:
+    from diffusiond.models.builtin import builtin_model_dir
+
+    try:
+        return model_dir.resolve() == builtin_model_dir().resolve()
+    except OSError:
+        return False
 
 
 def warm_up(model: LoadedModel) -> None:

@@ -23,6 +23,7 @@ from diffusiond.backends.base import CachesDeepFeatures
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.pipeline.previews import SD_LATENT_RGB
 from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec
+from diffusiond.service.control import ControlParams, resolve_control
 
 if TYPE_CHECKING:
     from diffusiond.service.models import LoadedModel
@@ -60,6 +61,7 @@ class GenerationParams:
     preview: PreviewParams = field(default_factory=PreviewParams)
     cache_interval: int = 0
     cache_depth: int = 0
+    control: ControlParams | None = None  # a ControlNet steers the image (None: none)
     request_id: str = ""
     client: str = ""  # who asked (an auth token's name), for logs; not part of the request itself
 
@@ -143,6 +145,13 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         )
 
     cache_interval, cache_depth = _step_cache(params, model)
+    control = None
+    if params.control is not None:
+        if cache_interval > 1:
+            raise FailedPrecondition(
+                "cache_interval: step caching does not run ControlNets; use cache_interval 1 with control"
+            )
+        control = resolve_control(params.control, model.controlnets, model.name, width, height)
     scheduler = model.schedulers.resolve(params.scheduler)
     seed = params.seed if params.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
     return GenerationRequest(
@@ -162,6 +171,7 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         preview=PreviewSpec(preview_kind, preview_every, params.preview.max_size),
         cache_interval=cache_interval,
         cache_depth=cache_depth,
+        control=control,
     )
 
 
