@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace-gb", type=float, default=8.0, help="builder workspace, GiB")
     parser.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimisation level 0-5")
     parser.add_argument("--force", action="store_true", help="rebuild even when the engines are up to date")
+    parser.add_argument("--controlnet", action="store_true",
+                        help="also build the export's ControlNet (controlnet, unet_controlled; see export onnx --controlnet)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         options = EngineBuildOptions(
             precision=args.precision,
             profile=profile_from_args(args, onnx_dir),
+            controlnet=args.controlnet,
             workspace_gib=args.workspace_gb,
             optimization_level=args.optimization_level,
             force=args.force,
