@@ -1,4 +1,4 @@
-# diffusiond: make serve | demo | test | lint | proto | node | lint-deploy | proto-breaking | bench-serving | bench-onnx | eval | train-builtin
+# diffusiond: make serve | demo | test | lint | proto | node | lint-deploy | proto-breaking | bench-serving | bench-onnx | bench-hires | eval | train-builtin
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PORT ?= 50051
 ARGS ?=
 NODE_DIR := clients/node
 
-.PHONY: install serve demo test lint proto node lint-proto lint-deploy proto-breaking bench-serving bench-onnx eval train-builtin clean
+.PHONY: install serve demo test lint proto node lint-proto lint-deploy proto-breaking bench-serving bench-onnx bench-hires eval train-builtin clean
 
 install: $(STAMP)
 
@@ -64,6 +64,10 @@ bench-serving: install
 # ONNX Runtime vs eager vs diffusers on a CPU-sized SD model (minutes; results in BENCHMARKS.md).
 bench-onnx: install
 	$(PY) bench/onnx_cpu.py $(ARGS)
+
+# A hi-res-fix request against plain ones on the built-in model: cost and look (results in BENCHMARKS.md).
+bench-hires: install
+	$(PY) bench/hires.py $(ARGS)
 
 proto: install
 	$(PY) -m diffusiond.api.codegen

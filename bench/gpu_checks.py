@@ -12,7 +12,9 @@ preset (SD 1.5 at half width, created here like ``diffusiond create-model``;
 3. where TensorRT is installed: builds fp16 engines for that one size
    (``diffusiond export tensorrt``), checks the TensorRT UNet against eager
    fp16 on the same inputs (cosine >= 0.999 and max |diff| <= 2% of max |ref|),
-   and times the same UNet step and image on the tensorrt backend;
+   and the VAE encoder engine (image inputs) against the eager fp32 encoder on
+   the CPU (same bounds), and times the same UNet step and image on the
+   tensorrt backend;
 4. where it is not: says what it skipped and why, and runs the rest.
 
 5. first of all, real size (``--no-real-size`` skips it): the SD 1.5 architecture (seeded
@@ -230,7 +232,7 @@ class Checks:
                              "mb": round(sum(c.bytes for c in result.manifest.components.values()) / 1e6, 1)})
         return result.directory
 
-    def tensorrt(self, case: Case, onnx_dir: Path, inputs, eager_fp16_out, reference_image) -> None:
+    def tensorrt(self, case: Case, onnx_dir: Path, inputs, eager_fp16_out, reference_image, model_dir: Path) -> None:
         import torch
 
         from diffusiond.backends.base import BackendSettings
@@ -245,25 +247,38 @@ class Checks:
         self.exports.append({"model": case.name, "what": f"tensorrt fp16 engines (level {options.optimization_level})",
                              "seconds": round(time.perf_counter() - started, 1), "reused": reused,
                              "mb": round(sum(c["bytes"] for c in manifest.components.values()) / 1e6, 1)})
+        image = torch.rand((1, 3, case.size, case.size), generator=torch.Generator().manual_seed(0)) * 2 - 1
         model = load_model(case.name, out, "tensorrt", BackendSettings(device="cuda"))
         try:
             _, (trt_out, _) = self.measure(case, "tensorrt fp16", model, inputs, reference_image)
+            with torch.inference_mode():
+                trt_latents = model.backend.vae_encode(image.cuda()).float().cpu()
         finally:
             model.backend.close()
             del model
             self.release()
-        ref = eager_fp16_out.double()
-        got = trt_out.double()
+        self.compare(case, "UNet, TensorRT fp16 vs eager fp16, same inputs", trt_out, eager_fp16_out)
+        cpu = load_model(case.name, model_dir, "torch", BackendSettings(device="cpu"))
+        try:
+            eager_latents = cpu.backend.vae_encode(image)
+        finally:
+            cpu.backend.close()
+        self.compare(case, "VAE encoder (image inputs), TensorRT vs eager fp32 on the CPU", trt_latents, eager_latents)
+
+    def compare(self, case: Case, what: str, got, ref) -> None:
+        import torch
+
+        ref, got = ref.double().cpu(), got.double().cpu()
         diff = (got - ref).abs().max().item()
         rel = diff / max(ref.abs().max().item(), 1e-12)
         cosine = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()
         passed = cosine >= PARITY_MIN_COSINE and rel <= PARITY_MAX_REL_ERROR and bool(torch.isfinite(got).all())
-        self.parity.append({"model": case.name, "what": "UNet, TensorRT fp16 vs eager fp16, same inputs",
+        self.parity.append({"model": case.name, "what": what,
                             "cosine": round(cosine, 6), "max_abs_error": diff, "max_rel_error": round(rel, 5),
                             "tolerance": f"cosine >= {PARITY_MIN_COSINE}, max rel <= {PARITY_MAX_REL_ERROR}",
                             "passed": passed})
-        (log.info if passed else log.error)("%s UNet parity: cosine %.6f, max rel %.4f -> %s",
-                                            case.name, cosine, rel, "PASS" if passed else "FAIL")
+        (log.info if passed else log.error)("%s %s: cosine %.6f, max rel %.4f -> %s",
+                                            case.name, what, cosine, rel, "PASS" if passed else "FAIL")
 
     def run_case(self, case: Case, trt_reason: str | None) -> None:
         import torch
@@ -293,7 +308,7 @@ class Checks:
             self.skip(f"{case.name}: TensorRT", f"{self.budget.left():.0f} s of the time budget left")
             return
         try:
-            self.tensorrt(case, onnx_dir, inputs, fp16_out, fp16_image)
+            self.tensorrt(case, onnx_dir, inputs, fp16_out, fp16_image, model_dir)
         except Exception as exc:
             self.error(f"{case.name}: TensorRT", exc)
         del inputs

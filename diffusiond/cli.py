@@ -99,8 +99,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
     parser.add_argument("--max-send-message-mb", type=float, default=None,
                         help="largest message sent, in MiB (default: enough for max-images images "
                         "of max-size, 98 MiB for the defaults)")
-    parser.add_argument("--max-receive-message-mb", type=float, default=4.0,
-                        help="largest request accepted, in MiB")
+    parser.add_argument("--max-receive-message-mb", type=float, default=None,
+                        help="largest request accepted, in MiB (default: enough for two input images of "
+                        "--max-input-image-mb, 17 MiB for the defaults)")
+    parser.add_argument("--max-input-image-mb", type=float, default=8.0,
+                        help="largest init or mask image accepted, in MiB (checked before decoding)")
+    parser.add_argument("--max-input-pixels", type=int, default=4096 * 4096,
+                        help="most pixels an init or mask image may declare in its header (refused before "
+                        "decoding; default 4096x4096)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
     parser.add_argument("--precision", default="", choices=["", "fp32", "fp16", "int8"],
                         help="refuse an exported artifact whose manifest says another precision")
@@ -188,7 +194,11 @@ def run_serve(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             compression=args.compression,
             max_send_message_bytes=None if args.max_send_message_mb is None else int(args.max_send_message_mb * MIB),
-            max_receive_message_bytes=int(args.max_receive_message_mb * MIB),
+            max_receive_message_bytes=(
+                None if args.max_receive_message_mb is None else int(args.max_receive_message_mb * MIB)
+            ),
+            max_input_image_bytes=int(args.max_input_image_mb * MIB),
+            max_input_pixels=args.max_input_pixels,
             auth_tokens_file=args.auth_tokens,
             auth_tokens_text="" if args.auth_tokens else os.environ.get(AUTH_TOKENS_ENV, ""),
             reflection=not args.no_reflection,

@@ -72,6 +72,7 @@ class UNetCall:
     timesteps: list[float]
     controlnet: str = ""  # the ControlNet the call ran ("" none)
     control_scales: list[float] | None = None
+    size: tuple[int, int] = (0, 0)  # latent height, width
 
 
 class ScriptedBackend:
@@ -101,7 +102,7 @@ class ScriptedBackend:
             if error is not None:
                 raise error
         with self._lock:
-            self.calls.append(UNetCall(sample.shape[0], [float(t) for t in timestep]))
+            self.calls.append(UNetCall(sample.shape[0], [float(t) for t in timestep], tuple(sample.shape[2:])))
         context = encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None]
         t = timestep.float()[:, None, None, None]
         return 0.3 * sample + 0.2 * torch.cos(t / 300.0) + context

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from fakes import out_of_memory_when, scripted_model
+from image_inputs import box_mask, encode, picture
 
 from diffusiond.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 from diffusiond.pipeline.request import GenerationResult
@@ -302,3 +303,24 @@ def test_shutdown_fails_queued_and_running_requests_with_unavailable():
     outcomes = run(main())
     assert [type(o).__name__ for o in outcomes] == ["Unavailable", "Unavailable"]
     assert "stopped" in str(outcomes[0]) and "not run" in str(outcomes[1])
+
+
+def test_image_conditioned_requests_join_a_running_set_of_their_size():
+    async def main():
+        model = scripted_model()
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(BatcherSettings(max_batch_size=4))
+        plain = handle_for(model, loop, "plain", steps=6)
+        inpaint = handle_for(model, loop, "inpaint", steps=4, init_image=encode(picture()),
+                             mask_image=encode(box_mask()), guidance_scale=1.0)
+        model.backend.before_unet = SubmitAt(batcher, {2: [inpaint]})
+        batcher.submit(plain)
+        batcher.start()
+        outcomes = await asyncio.gather(plain.outcome, inpaint.outcome)
+        batcher.shutdown()
+        return model, outcomes
+
+    model, (plain, inpaint) = run(main())
+    assert rows(model) == [2, 2, 3, 3, 3, 3]  # it joined at step 3 and shared every call after
+    solo = scripted_model()
+    np.testing.assert_array_equal(inpaint.images, solo.pipeline.generate(inpaint.request).images)

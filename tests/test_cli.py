@@ -41,3 +41,39 @@ def test_models_command(server, capsys):
     assert main(["models", "--server", server.address]) == 0
     out = capsys.readouterr().out
     assert "builtin (default): torch on cpu (fp32)" in out and "euler_a" in out
+
+
+def test_generate_from_an_init_image_with_a_mask(server, tmp_path, capsys):
+    from image_inputs import box_mask, encode, picture
+
+    init, mask, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    init.write_bytes(encode(picture(96, 80)))
+    mask.write_bytes(encode(box_mask(96, 80)))
+    code = main(["generate", "a red circle", "--init-image", str(init), "--strength", "0.6", "--mask", str(mask),
+                 "--mask-blur", "2", "--keep-unmasked", "--steps", "4", "--seed", "2", "-o", str(out),
+                 "--server", server.address])
+    assert code == 0
+    assert Image.open(out).size == (96, 80)  # the init image's size
+    assert "Denoising strength: 0.6, Mask blur: 2" in Image.open(out).text["parameters"]
+
+
+def test_generate_with_hires(server, tmp_path, capsys):
+    out = tmp_path / "big.png"
+    code = main(["generate", "a red circle", "--hires", "2x", "--hires-strength", "0.5", "--hires-upscaler", "lanczos",
+                 "--steps", "4", "--seed", "2", "-o", str(out), "--stream", "--server", server.address])
+    assert code == 0
+    assert Image.open(out).size == (128, 128)
+    assert "6/6" in capsys.readouterr().err  # both passes in one progress bar
+
+
+def test_unreadable_init_image_and_bad_hires_are_one_line_errors(server, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    assert main(["generate", "x", "--init-image", str(missing), "--server", server.address]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --init-image: cannot read {missing}: ")
+    assert main(["generate", "x", "--hires", "big", "--server", server.address]) == 2
+    assert "hires must be a scale (2, 2x, 1.5x) or a size (WIDTHxHEIGHT), got 'big'" in capsys.readouterr().err
+
+
+def test_models_command_lists_image_inputs(server, capsys):
+    assert main(["models", "--server", server.address]) == 0
+    assert "image inputs: img2img, inpainting (latent_blend), hi-res fix" in capsys.readouterr().out

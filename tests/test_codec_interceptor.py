@@ -10,8 +10,9 @@ import pytest
 from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.client import ClientError
 from diffusiond.errors import InvalidArgument
-from diffusiond.pipeline.request import ImageFormat, PreviewKind
+from diffusiond.pipeline.request import ImageFormat, PreviewKind, Upscaler
 from diffusiond.server import codec
+from diffusiond.service.image_inputs import HiresParams
 from diffusiond.service.resolver import GenerationParams, PreviewParams
 
 
@@ -26,6 +27,12 @@ from diffusiond.service.resolver import GenerationParams, PreviewParams
         ),
         GenerationParams(prompt="x", seed=2**64 - 1, guidance_scale=7.5, output_format=ImageFormat.JPEG,
                          preview=PreviewParams(PreviewKind.LATENT)),
+        GenerationParams(prompt="x", init_image=b"\x89PNG...", strength=0.0, mask_image=b"mask", mask_blur=4,
+                         keep_unmasked=True),
+        GenerationParams(prompt="x", init_image=b"jpeg", strength=0.75,
+                         hires=HiresParams(scale=1.5, steps=7, strength=0.25, upscaler=Upscaler.LANCZOS)),
+        GenerationParams(prompt="x", hires=HiresParams(width=1024, height=768)),
+        GenerationParams(prompt="x", hires=HiresParams()),
     ],
 )
 def test_request_params_survive_the_round_trip(params):
@@ -39,9 +46,17 @@ def test_unset_optional_fields_stay_unset_and_zero_guidance_stays_zero():
     assert codec.params_from_proto(pb.GenerateRequest(prompt="p", seed=0)).seed == 0
 
 
+def test_unset_strengths_and_hires_stay_unset():
+    params = codec.params_from_proto(pb.GenerateRequest(prompt="p", init_image=b"x"))
+    assert params.strength is None and params.hires is None
+    params = codec.params_from_proto(pb.GenerateRequest(prompt="p", strength=0.0, hires=pb.HiresOptions()))
+    assert params.strength == 0.0 and params.hires == HiresParams()  # present but empty: every default
+
+
 @pytest.mark.parametrize(("msg", "field"), [
     (pb.GenerateRequest(prompt="p", output_format=9), "output_format"),
     (pb.GenerateRequest(prompt="p", preview=pb.PreviewOptions(kind=5)), "preview.kind"),
+    (pb.GenerateRequest(prompt="p", hires=pb.HiresOptions(upscaler=7)), "hires.upscaler"),
 ])
 def test_enum_values_this_server_does_not_know_are_refused(msg, field):
     with pytest.raises(InvalidArgument) as info:

@@ -32,6 +32,11 @@ def test_list_models(client, builtin_dir):
     assert set(SCHEDULERS) <= set(info.schedulers)
     vae = json.loads((builtin_dir / "vae" / "config.json").read_text())
     assert info.latent_channels == 4 and info.latent_scaling_factor == pytest.approx(vae["scaling_factor"])
+    images = info.image_inputs
+    assert (images.img2img, images.inpainting, images.inpainting_method, images.hires) == (
+        True, True, "latent_blend", True
+    )
+    assert (images.max_image_bytes, images.max_image_pixels) == (8 * 2**20, 4096 * 4096)
 
 
 def test_sampling_defaults_without_diffusiond_json_are_sd_defaults(tmp_path, builtin_dir):

@@ -50,6 +50,12 @@ def test_manifest_describes_the_artifact(onnx_export, builtin_dir):
     tested = [(t["batch"], t["height"], t["width"]) for t in unet["tested"]]
     assert tested == [(1, 64, 64), (2, 72, 80)]
     assert all(t["max_abs_error"] < FP32_ATOL for t in unet["tested"])
+    # The VAE encoder, which image inputs need, is verified like every other network: both sizes and batches.
+    for name in COMPONENTS:
+        tested = manifest["components"][name]["tested"]
+        assert [(t["batch"], t["height"], t["width"]) for t in tested] == [(1, 64, 64), (2, 72, 80)], name
+        assert all(t["max_abs_error"] < FP32_ATOL * max(1.0, t["output_max_abs"]) for t in tested), name
+    assert manifest["components"]["vae_encoder"]["io"]["outputs"][0]["name"] == "latent_parameters"
     assert manifest["calibration"] is None
     # The export serves with the source's own sampling defaults and scheduler.
     exported, source = load_model_config(onnx_export("fp32")), load_model_config(builtin_dir)

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import CountingBackend, running_server
+from image_inputs import box_mask, encode, picture
 from images import pixels
 
 from diffusiond.backends.base import BackendSettings
@@ -154,3 +155,20 @@ def test_deadline_stops_the_work(ort_client, ort_server):
 def test_list_models_reports_the_backend_precision(ort_client):
     (model,) = ort_client.list_models()
     assert model.name == "builtin" and model.backend == "onnxruntime" and model.dtype == "fp32"
+    assert model.image_inputs.img2img and model.image_inputs.inpainting_method == "latent_blend"
+
+
+@pytest.mark.parametrize("fields", [
+    dict(strength=0.6),
+    dict(mask=True, keep_unmasked=True, mask_blur=2),
+    dict(strength=0.5, hires=2, hires_upscaler="lanczos", hires_strength=0.3, hires_steps=4),
+], ids=["img2img", "inpainting", "img2img+hires-lanczos"])
+def test_image_inputs_match_eager(client, ort_client, fields):
+    """The export's VAE encoder serves img2img, inpainting and the pixel upscaler as the eager one does."""
+    if fields.pop("mask", False):
+        fields["mask"] = encode(box_mask())
+    fields = dict(init_image=encode(picture()), seed=2, steps=6, scheduler="euler_a", **fields)
+    eager = client.generate("a red circle", **fields)
+    ours = ort_client.generate("a red circle", **fields)
+    assert (ours.images[0].width, ours.images[0].height) == (eager.images[0].width, eager.images[0].height)
+    assert psnr(ours.images[0].data, eager.images[0].data) >= MIN_PSNR_DB

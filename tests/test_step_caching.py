@@ -98,6 +98,32 @@ def test_step_caching_runs_fewer_full_passes_and_stays_close(model, pipeline):
     assert not np.array_equal(cached, exact)  # approximate: shallow passes did run
 
 
+def test_a_hires_pass_starts_with_a_full_pass_and_caches_within_itself(model, pipeline):
+    """Deep features have their pass's size: the larger pass must not reuse the first pass's."""
+    from diffusiond.service.image_inputs import HiresParams
+
+    calls = []
+    inner = pipeline.backend
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def unet_split(self, sample, timestep, context, depth, deep):
+            calls.append(("shallow" if deep is not None else "full", sample.shape[-1]))
+            return inner.unet_split(sample, timestep, context, depth, deep)
+
+    pipeline.backend = Spy()
+    try:
+        hires = HiresParams(scale=2.0, steps=4, strength=1.0)
+        result = pipeline.generate(request(model, steps=4, cache_interval=2, hires=hires))
+    finally:
+        pipeline.backend = inner
+    assert [kind for kind, _ in calls] == ["full", "shallow"] * 4
+    assert [size for _, size in calls] == [8] * 4 + [16] * 4
+    assert result.images.shape == (1, 128, 128, 3)
+
+
 def test_cached_and_exact_requests_share_a_step_and_keep_their_own_images(model, pipeline):
     exact_request, cached_request = request(model, seed=7), request(model, seed=8, cache_interval=2)
     together = pipeline.generate_together([exact_request, cached_request])

@@ -134,6 +134,23 @@ def test_shape_profile_gives_each_input_its_min_opt_max(onnx_export, builtin_dir
     assert unet_json["timestep"] == {"min": [1], "opt": [4], "max": [6]}
 
 
+def test_the_vae_encoder_is_built_when_asked(onnx_export, tmp_path):
+    """auto: when the export has it; build: required; skip: never (engines for text to image only)."""
+    def components(onnx_dir, choice):
+        return [e.component for e in plan_engines(onnx_dir, EngineBuildOptions(vae_encoder=choice)).engines]
+
+    full = onnx_export("fp32")
+    assert components(full, "auto") == components(full, "build") == list(COMPONENTS)
+    assert "vae_encoder" not in components(full, "skip")
+    without = shutil.copytree(full, tmp_path / "no-encoder")
+    shutil.rmtree(without / "vae_encoder")
+    assert "vae_encoder" not in components(without, "auto")
+    with pytest.raises(NotFound, match="has no vae_encoder/model.onnx, which image inputs need"):
+        components(without, "build")
+    with pytest.raises(InvalidArgument, match="vae_encoder: 'yes' is not one of auto, build, skip"):
+        EngineBuildOptions(vae_encoder="yes")
+
+
 def test_profile_sizes_must_fit_the_vae_factor(onnx_export):
     profile = ShapeProfile(height=Range(60, 64, 128), width=Range(64, 64, 128))
     with pytest.raises(InvalidArgument, match="not a multiple of the VAE factor 8"):

@@ -129,3 +129,12 @@ def test_send_limit_bound_holds_for_the_worst_case_answer():
     response = codec.response_to_proto(encode_result(result, backend="torch"))
     assert response.ByteSize() <= transport.largest_response_bytes(size, images)
     assert ServerSettings().send_limit_bytes >= transport.largest_response_bytes(2048, 8) > 4 * 1024 * 1024
+
+
+def test_the_receive_limit_defaults_to_two_input_images_and_what_they_need():
+    mib = 1024 * 1024
+    assert ServerSettings().receive_limit_bytes == 17 * mib  # two 8 MiB images and 1 MiB for the rest
+    assert ServerSettings(max_input_image_bytes=2 * mib).receive_limit_bytes == 5 * mib
+    assert ServerSettings(max_receive_message_bytes=4096).receive_limit_bytes == 4096
+    with pytest.raises(ValueError, match="max input pixels must be between"):
+        ServerSettings(max_input_pixels=10)

@@ -18,6 +18,7 @@ from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.client.client import (
     FORMATS,
     PREVIEWS,
+    UPSCALERS,
     ClientError,
     DiffusionClient,
     GeneratedImage,
@@ -55,6 +56,24 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview", default="approx_rgb", choices=[k for k in PREVIEWS if k != "none"],
                         help="preview kind saved with --preview-dir")
     parser.add_argument("--preview-every", type=int, default=1, help="a preview every N steps")
+    images = parser.add_argument_group("image inputs (README: Images in)")
+    images.add_argument("--init-image", default=None, metavar="FILE",
+                        help="img2img: start from this PNG, JPEG or WebP (without --width/--height the result "
+                        "has its size)")
+    images.add_argument("--strength", type=float, default=None,
+                        help="how far from the init image to go, 0-1: int(steps * strength) steps run "
+                        "(default 0.8, 1.0 with --mask)")
+    images.add_argument("--mask", default=None, metavar="FILE",
+                        help="inpainting: white repaints, black keeps; the init image's size")
+    images.add_argument("--mask-blur", type=int, default=0, help="blur the mask by this many pixels (0-64)")
+    images.add_argument("--keep-unmasked", action="store_true",
+                        help="paste the init image back where the mask is black, so those pixels stay exact")
+    images.add_argument("--hires", default=None, metavar="SCALE|WxH",
+                        help="hi-res fix: a second pass at 2x (or 1.5x, or 1024x768) over the upscaled first one")
+    images.add_argument("--hires-strength", type=float, default=None, help="the second pass's strength (default 0.5)")
+    images.add_argument("--hires-steps", type=int, default=0, help="the second pass's steps (default: --steps)")
+    images.add_argument("--hires-upscaler", default="latent", choices=sorted(UPSCALERS),
+                        help="latent: bicubic on the latents (free); lanczos: on the pixels (a VAE decode and encode)")
     parser.add_argument("--cache-interval", type=int, default=0,
                         help="step caching: the full UNet every N steps (faster, approximate; 1: exact; "
                         "default: the server's)")
@@ -184,6 +203,15 @@ def run_generate(args: argparse.Namespace) -> int:
             model=args.model,
             preview=args.preview if (args.stream and args.preview_dir) else "none",
             preview_every=args.preview_every,
+            init_image=_read(args.init_image, "--init-image"),
+            strength=args.strength,
+            mask=_read(args.mask, "--mask"),
+            mask_blur=args.mask_blur,
+            keep_unmasked=args.keep_unmasked,
+            hires=args.hires,
+            hires_steps=args.hires_steps,
+            hires_strength=args.hires_strength,
+            hires_upscaler=args.hires_upscaler,
             cache_interval=args.cache_interval,
             cache_depth=args.cache_depth,
             control=_control(args),
@@ -226,6 +254,14 @@ def _control(args: argparse.Namespace) -> pb.ControlOptions | None:
         guidance_start=args.control_start, guidance_end=args.control_end, canny_low=args.canny_low,
         canny_high=args.canny_high,
     )
+def _read(path: str | None, flag: str) -> bytes | None:
+    """A file's bytes, or ValueError saying which flag named a file that cannot be read."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -244,12 +280,20 @@ def run_models(args: argparse.Namespace) -> int:
             f"  size {m.default_width}x{m.default_height} (from {m.min_size} to {m.max_size}, "
             f"multiples of {m.size_multiple}), {m.default_steps} steps, guidance {m.default_guidance_scale:g}\n"
             f"  schedulers: {', '.join(m.schedulers)} (default {m.default_scheduler})\n"
+            f"  image inputs: {_image_inputs(m.image_inputs)}\n"
             + (f"  step caching: depths {', '.join(map(str, m.step_cache_depths))} (default every "
                f"{m.default_cache_interval} at depth {m.default_cache_depth})\n" if m.step_cache_depths else "")
             + (f"  controlnets: {', '.join(c.name + (f' ({c.conditioning})' if c.conditioning else '') for c in m.controlnets)}\n"
                if m.controlnets else "")
         )
     return 0
+
+
+def _image_inputs(support: pb.ImageInputSupport) -> str:
+    if not support.img2img:
+        return "hi-res fix (latent upscaler) only: no VAE encoder"
+    return (f"img2img, inpainting ({support.inpainting_method}), hi-res fix; each image at most "
+            f"{support.max_image_bytes / 2**20:g} MiB and {support.max_image_pixels} pixels")
 
 
 def _explain(exc: ClientError, server: str, client: DiffusionClient) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,20 @@ PREVIEWS = {
     "approx_rgb": pb.PREVIEW_KIND_APPROX_RGB,
     "full": pb.PREVIEW_KIND_FULL,
 }
+UPSCALERS = {
+    "latent": pb.UPSCALER_LATENT_BICUBIC,
+    "latent_bicubic": pb.UPSCALER_LATENT_BICUBIC,
+    "lanczos": pb.UPSCALER_LANCZOS,
+}
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Modes a PNG holds as they are; a PIL image in another mode (CMYK, float...) is sent as RGB.
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
+_SIZE = re.compile(r"(\d+)x(\d+)")
+_SCALE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)x?")
+
+# What the client takes as an input image: encoded bytes (PNG, JPEG, WebP), a file path, a PIL image,
+# or a numpy array (HxW, HxWx3, HxWx4; uint8, bool, or float in [0, 1]). Arrays and PIL images go as PNG.
+ImageLike = Any
 SERVICE = pb.DESCRIPTOR.services_by_name["Diffusion"].full_name
 DEFAULT_ATTEMPTS = 5  # gRPC caps a retry policy at 5 attempts
 
@@ -102,6 +117,58 @@ class GenerateResult:
         return cls([GeneratedImage.from_proto(i) for i in response.images], response.seed, response)
 
 
+def image_bytes(image: ImageLike, field: str = "image") -> bytes:
+    """An input image as the bytes the server takes: encoded files as they are, pixels as a lossless PNG."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        pil = image if image.mode in _PNG_MODES else image.convert("RGB")
+    elif hasattr(image, "__array_interface__"):
+        pil = _array_to_image(image, field)
+    else:
+        raise TypeError(f"{field}: expected bytes, a path, a PIL image or a numpy array, got {type(image).__name__}")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _array_to_image(array: Any, field: str):
+    import numpy as np  # an array came in, so numpy is there
+    from PIL import Image
+
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype.kind == "f":
+        a = (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"{field}: an array must be uint8, bool or float in [0, 1], got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)):
+        return Image.fromarray(np.ascontiguousarray(a))
+    raise ValueError(f"{field}: an array must be HxW, HxWx3 or HxWx4, got shape {a.shape}")
+
+
+def parse_hires(value: float | str | tuple[int, int]) -> tuple[float, int, int]:
+    """A hi-res target as (scale, width, height): 2 / "2x" / "1.5" are scales, (w, h) / "WxH" sizes."""
+    if isinstance(value, tuple):
+        width, height = value
+        return 0.0, int(width), int(height)
+    if isinstance(value, (int, float)):
+        return float(value), 0, 0
+    text = str(value).strip().lower()
+    if match := _SIZE.fullmatch(text):
+        return 0.0, int(match.group(1)), int(match.group(2))
+    if match := _SCALE.fullmatch(text):
+        return float(match.group(1)), 0, 0
+    raise ValueError(f"hires must be a scale (2, 2x, 1.5x) or a size (WIDTHxHEIGHT), got {value!r}")
+
+
 def build_request(
     prompt: str,
     *,
@@ -120,15 +187,30 @@ def build_request(
     preview: str = "none",
     preview_every: int = 0,
     preview_max_size: int = 0,
+    init_image: ImageLike | None = None,
+    strength: float | None = None,
+    mask: ImageLike | None = None,
+    mask_blur: int = 0,
+    keep_unmasked: bool = False,
+    hires: float | str | tuple[int, int] | None = None,
+    hires_steps: int = 0,
+    hires_strength: float | None = None,
+    hires_upscaler: str = "latent",
     cache_interval: int = 0,
     cache_depth: int = 0,
     control: pb.ControlOptions | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default"."""
+    """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default".
+
+    ``init_image`` and ``mask`` take encoded bytes, a path, a PIL image or a numpy array;
+    ``hires`` a scale (2, "2x") or a size ((w, h), "WxH").
+    """
     if output_format.lower() not in FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(FORMATS)}, got {output_format!r}")
     if preview.lower() not in PREVIEWS:
         raise ValueError(f"preview must be one of {', '.join(PREVIEWS)}, got {preview!r}")
+    if hires_upscaler.lower() not in UPSCALERS:
+        raise ValueError(f"hires_upscaler must be one of {', '.join(UPSCALERS)}, got {hires_upscaler!r}")
     request = pb.GenerateRequest(
         request_id=request_id,
         model=model,
@@ -153,6 +235,20 @@ def build_request(
         request.seed = seed
     if control is not None:
         request.control.CopyFrom(control)
+    if init_image is not None:
+        request.init_image = image_bytes(init_image, "init_image")
+    if strength is not None:
+        request.strength = strength
+    if mask is not None:
+        request.mask_image = image_bytes(mask, "mask")
+    request.mask_blur = mask_blur
+    request.keep_unmasked = keep_unmasked
+    if hires is not None:
+        scale, width_, height_ = parse_hires(hires)
+        request.hires.CopyFrom(pb.HiresOptions(scale=scale, width=width_, height=height_, steps=hires_steps,
+                                               upscaler=UPSCALERS[hires_upscaler.lower()]))
+        if hires_strength is not None:
+            request.hires.strength = hires_strength
     return request
 
 

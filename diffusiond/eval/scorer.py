@@ -90,6 +90,22 @@ def read_image(image: np.ndarray) -> Reading:
     return Reading(background, colour, _best_shape(region, (x0, y0, x1, y1)), _POSITION_NAMES[cell], size)
 
 
+def count_shapes(image: np.ndarray) -> int:
+    """How many shapes an image shows (the data set's images show one): regions standing out from the
+    background as ``read_image`` finds them, at least ``MIN_AREA`` pixels of a 64x64 image in size."""
+    pixels = np.asarray(image).astype(np.float32) * (255.0 if np.asarray(image).dtype.kind == "f" else 1.0)
+    height, width, _ = pixels.shape
+    ring = np.ones((height, width), dtype=bool)
+    ring[BORDER:-BORDER, BORDER:-BORDER] = False
+    distance = np.sqrt(((pixels - np.median(pixels[ring], axis=0)) ** 2).sum(axis=2))
+    contrast = float(np.percentile(distance, 99.5))
+    if contrast < MIN_CONTRAST:
+        return 0
+    labels, count = ndimage.label(distance > contrast / 2)
+    areas = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
+    return int((areas >= MIN_AREA * height * width / (64 * 64)).sum())
+
+
 def _best_shape(region: np.ndarray, box: tuple[int, int, int, int]) -> str:
     best, best_iou = SHAPES[0], -1.0
     size = max(region.shape)

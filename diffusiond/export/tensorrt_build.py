@@ -4,7 +4,7 @@
       text_encoder/model.plan  config.json
       unet/model.plan          config.json
       vae_decoder/model.plan   config.json
-      vae_encoder/model.plan   config.json      (when the ONNX export has it)
+      vae_encoder/model.plan   config.json      (image inputs; see ``vae_encoder`` below)
       tokenizer/  scheduler/  model_index.json
       manifest.json            (format "diffusiond-tensorrt")
 
@@ -23,6 +23,12 @@ in fp32, exactly what the ONNX Runtime backend runs. TensorRT deprecated the
 weakly typed FP16/INT8 builder flags in 10.12 and removed them in 11, so this
 is also the only form that builds on both. The one builder flag set here is
 TF32, cleared for fp32 engines so they stay close to the PyTorch reference.
+
+The VAE encoder serves image inputs (img2img, inpainting, the Lanczos hi-res
+upscaler) and nothing else, so building it is the operator's choice
+(``--vae-encoder``): ``auto`` builds it when the ONNX export has it, ``build``
+requires it (refusing an export without one), ``skip`` leaves it out (engines
+for text to image only; the server then reports no img2img).
 
 The profiles come from the model descriptors (``models/descriptors.py``), the
 same contract the ONNX export was made from; the manifest and the machine
@@ -51,6 +57,7 @@ from diffusiond.models.descriptors import (
     REQUIRED_COMPONENTS,
     UNET,
     UNET_SHALLOW,
+    VAE_ENCODER,
     ShapeProfile,
     descriptors_for,
 )
@@ -78,6 +85,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # Bump when the build recipe changes, so existing engines are rebuilt rather than reused.
 RECIPE_VERSION = 1
 NETWORK_FLAGS = ("STRONGLY_TYPED",)
+VAE_ENCODER_CHOICES = ("auto", "build", "skip")
 
 
 @dataclass(frozen=True)
@@ -92,11 +100,16 @@ class EngineBuildOptions:
     device: str = "cuda"
     # Also build the ONNX export's ControlNet pair (controlnet, unet_controlled); the export must hold it.
     controlnet: bool = False
+    vae_encoder: str = "auto"  # auto: when the export has it; build: required; skip: never (no image inputs)
 
     def __post_init__(self) -> None:
         if self.controlnet:
             extra = tuple(c for c in CONTROL_COMPONENTS if c not in self.components)
             object.__setattr__(self, "components", (*self.components, *extra))
+        if self.vae_encoder not in VAE_ENCODER_CHOICES:
+            raise InvalidArgument(
+                "vae_encoder", f"{self.vae_encoder!r} is not one of {', '.join(VAE_ENCODER_CHOICES)}"
+            )
         if self.precision and self.precision not in PRECISIONS:
             raise InvalidArgument("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0 <= self.optimization_level <= 5:
@@ -175,6 +188,8 @@ def plan_engines(onnx_dir: Path, options: EngineBuildOptions) -> BuildPlan:
     engines = []
     for component in options.components:
         path = onnx_dir / component / ONNX_FILE
+        if component == VAE_ENCODER and options.vae_encoder == "skip":
+            continue
         if not path.is_file():
             if component in REQUIRED_COMPONENTS:
                 raise NotFound(f"{onnx_dir} has no {component}/{ONNX_FILE}: not a complete ONNX export")
@@ -182,6 +197,11 @@ def plan_engines(onnx_dir: Path, options: EngineBuildOptions) -> BuildPlan:
                 raise NotFound(
                     f"{onnx_dir} has no {component}/{ONNX_FILE}: a ControlNet engine was asked for, but the ONNX "
                     "export holds none (export it with `diffusiond export onnx --controlnet NAME=DIR`)"
+                )
+            if component == VAE_ENCODER and options.vae_encoder == "build":
+                raise NotFound(
+                    f"{onnx_dir} has no {VAE_ENCODER}/{ONNX_FILE}, which image inputs need; export it with "
+                    "`diffusiond export onnx` (which writes the encoder), or build with --vae-encoder skip"
                 )
             continue
         entry = onnx_manifest.components.get(component) if onnx_manifest is not None else None

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-size", type=int, default=0, help="largest image side (default: the export's profile)")
     parser.add_argument("--workspace-gb", type=float, default=8.0, help="builder workspace, GiB")
     parser.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimisation level 0-5")
+    parser.add_argument("--vae-encoder", default="auto", choices=["auto", "build", "skip"],
+                        help="the VAE encoder engine, which image inputs (img2img, inpainting) need: auto builds it "
+                        "when the ONNX export has it, build requires it, skip leaves it out")
     parser.add_argument("--force", action="store_true", help="rebuild even when the engines are up to date")
     parser.add_argument("--controlnet", action="store_true",
                         help="also build the export's ControlNet (controlnet, unet_controlled; see export onnx --controlnet)")
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             optimization_level=args.optimization_level,
             force=args.force,
             device=args.device,
+            vae_encoder=args.vae_encoder,
         )
         manifest, reused = build_engines(onnx_dir, Path(args.out), options)
     except DiffusiondError as exc:

@@ -51,10 +51,17 @@ class ModelConfig:
     scheduler_config: dict[str, Any]
     pipeline_class: str
     sampling_defaults: SamplingDefaults = SamplingDefaults()
+    unet_in_channels: int = 0  # 0: latent_channels; 2 * latent_channels + 1 for an inpainting UNet
+    has_vae_encoder: bool = True  # an export may leave it out; image inputs need it
 
     @property
     def default_size(self) -> int:
         return self.unet_sample_size * self.vae_scale_factor
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """A 9-channel (for SD) UNet that takes the mask and the masked image's latents as extra inputs."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -115,8 +122,15 @@ def load_model_config(directory: Path) -> ModelConfig:
     max_length = int(tokenizer_cfg.get("model_max_length", max_positions))
     if max_length > max_positions:  # some configs store a huge sentinel
         max_length = max_positions
+    latent_channels = int(vae.get("latent_channels", 4))
+    unet_in_channels = int(unet.get("in_channels", latent_channels))
+    if unet_in_channels not in (latent_channels, 2 * latent_channels + 1):
+        raise FailedPrecondition(
+            f"{directory}: the UNet takes {unet_in_channels} input channels; diffusiond serves UNets of "
+            f"{latent_channels} (the latents) or {2 * latent_channels + 1} (inpainting: latents, mask, masked image)"
+        )
     return ModelConfig(
-        latent_channels=int(vae.get("latent_channels", 4)),
+        latent_channels=latent_channels,
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         unet_sample_size=int(unet.get("sample_size", 64)),
@@ -126,4 +140,7 @@ def load_model_config(directory: Path) -> ModelConfig:
         scheduler_config=scheduler,
         pipeline_class=pipeline_class,
         sampling_defaults=read_sampling_defaults(directory),
+        unet_in_channels=unet_in_channels,
+        # diffusers layout: vae/ holds both halves; exports hold vae_encoder/ only when it was exported.
+        has_vae_encoder=(directory / "vae").is_dir() or (directory / "vae_encoder").is_dir(),
     )

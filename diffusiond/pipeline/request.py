@@ -22,6 +22,13 @@ class PreviewKind(enum.Enum):
     FULL = "full"
 
 
+class Upscaler(enum.Enum):
+    """How a hi-res pass enlarges the first pass's result."""
+
+    LATENT_BICUBIC = "latent_bicubic"  # bicubic interpolation of the latents: no VAE round trip
+    LANCZOS = "lanczos"  # decode, Lanczos-resize the pixels, encode again
+
+
 class ImageFormat(enum.Enum):
     PNG = "png"
     JPEG = "jpeg"
@@ -74,6 +81,37 @@ class ControlSpec:
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """img2img / inpainting inputs: decoded, checked and fitted to the request's width and height.
+
+    The pixel arrays are left out of comparisons and hashes; ``digest`` (of the
+    bytes the client sent) stands for them in cache keys and logs.
+    """
+
+    pixels: np.ndarray = field(compare=False, repr=False)  # [height, width, 3] uint8
+    strength: float  # the share of the steps that run: int(steps * strength), as in diffusers
+    digest: str
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # [height, width] uint8, 255 = repaint
+    mask_blur: int = 0  # Gaussian radius already applied to ``mask``, in pixels
+    keep_unmasked: bool = False  # paste the unmasked pixels back over the result
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
+
+
+@dataclass(frozen=True)
+class HiresSpec:
+    """A second pass at a larger size: img2img over the upscaled first pass."""
+
+    width: int
+    height: int
+    steps: int
+    strength: float
+    upscaler: Upscaler = Upscaler.LATENT_BICUBIC
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A request whose every field has been validated against its model's limits."""
 
@@ -91,6 +129,17 @@ class GenerationRequest:
     output_format: ImageFormat = ImageFormat.PNG
     quality: int = 90
     preview: PreviewSpec = field(default_factory=PreviewSpec)
+    init: ImageInput | None = None  # img2img / inpainting
+    hires: HiresSpec | None = None  # a second pass at a larger size
+
+    @property
+    def output_width(self) -> int:
+        """The result's width: the hi-res pass's when there is one."""
+        return self.hires.width if self.hires is not None else self.width
+
+    @property
+    def output_height(self) -> int:
+        return self.hires.height if self.hires is not None else self.height
     # Step caching: the full UNet every ``cache_interval`` steps, only its shallow blocks (those
     # above ``cache_depth`` up blocks) in between; 1 runs the full UNet at every step (exact).
     cache_interval: int = 1
@@ -119,21 +168,26 @@ class GenerationRequest:
         """Requests with equal groups can share a UNet call: same model, latent shape and ControlNet.
 
         Steps, scheduler, guidance, seed and prompts may differ: every row carries
-        its own timestep and every request keeps its own scheduler. So may the
-        control image, scale and guidance window: they are per row. A request
-        without a ControlNet and one with another ControlNet run other networks.
+        its own timestep and every request keeps its own scheduler. Image inputs
+        travel in each request's own state, so they do not split groups either;
+        nor do the control image, scale and guidance window: they are per row.
+        A request without a ControlNet and one with another ControlNet run other
+        networks. This is the group of the first pass: a hi-res request changes
+        group for its second pass (see ``service.batcher``).
         """
         return (self.model, self.width, self.height, self.controlnet)
 
-    def static_group(self) -> tuple[str, int, int, int, str, str]:
+    def static_group(self) -> tuple[object, ...]:
         """What static batching (start together, finish together) also requires: the same timesteps."""
-        return (self.model, self.width, self.height, self.steps, self.scheduler, self.controlnet)
+        strength = None if self.init is None else self.init.strength
+        return (self.model, self.width, self.height, self.steps, self.scheduler, strength, self.hires, self.controlnet)
 
 
 @dataclass
 class Timings:
     queue_s: float = 0.0
     text_encode_s: float = 0.0
+    image_encode_s: float = 0.0  # VAE-encoding the init image (and masked image)
     denoise_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
@@ -172,3 +226,6 @@ class StepInfo:
     preview_kind: PreviewKind = PreviewKind.NONE
     # LATENT: [num_images, C, h, w] float32. APPROX_RGB / FULL: [num_images, H, W, 3] uint8.
     preview: np.ndarray | None = None
+    # The pixel size of the pass this step belongs to (a hi-res pass is larger than the request's).
+    width: int = 0
+    height: int = 0

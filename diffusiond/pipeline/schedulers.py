@@ -106,8 +106,24 @@ class SchedulerFactory:
     def create(self, name: str) -> Any:
         return copy.deepcopy(self._templates[self.resolve(name)])
 
-    def total_steps(self, name: str, steps: int) -> int:
-        """UNet evaluations per image for ``steps`` (PNDM runs one more than asked)."""
+    def total_steps(self, name: str, steps: int, strength: float | None = None) -> int:
+        """UNet evaluations per image for ``steps`` (PNDM runs one more than asked), or for the part
+        of them an img2img ``strength`` keeps."""
         scheduler = self.create(name)
         scheduler.set_timesteps(steps)
-        return len(scheduler.timesteps)
+        if strength is None:
+            return len(scheduler.timesteps)
+        return len(timesteps_for_strength(scheduler, steps, strength))
+
+
+def timesteps_for_strength(scheduler: Any, steps: int, strength: float) -> Any:
+    """The timesteps img2img runs: the last ``int(steps * strength)`` of ``steps``, as diffusers'
+    ``get_timesteps`` picks them (and, like it, tells the scheduler where it starts).
+
+    Call after ``set_timesteps(steps)``. Strength 0 leaves no steps.
+    """
+    init_timestep = min(int(steps * strength), steps)
+    start = max(steps - init_timestep, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]

@@ -1,13 +1,36 @@
-"""Text to image, one step at a time, for any number of requests at once.
+"""Text to image (and image to image, inpainting, hi-res fix), one step at a time, for any number of requests at once.
 
 The algorithm is diffusers' StableDiffusionPipeline (same tokenization, noise,
 scheduler calls and guidance arithmetic, so its images match to float
 rounding), cut into stages so that a batcher can interleave requests:
 
-    state = pipeline.prepare(request)   # encode prompts, set timesteps, seeded noise
+    state = pipeline.prepare(request)   # encode prompts (and images), set timesteps, seeded noise
     while not state.done:
         pipeline.step([state, ...])     # one UNet call for every state given
     result = pipeline.finish(state)     # decode
+
+Image inputs enter at ``prepare`` and ride in each state, so image-conditioned
+and plain requests share UNet calls:
+
+- img2img (``StableDiffusionImg2ImgPipeline``): the init image's latents (the
+  VAE encoder's mean, diffusers' ``sample_mode="argmax"``: deterministic, and
+  what every backend's encoder returns) are noised with the request's own
+  generators to the first of the ``int(steps * strength)`` timesteps that run.
+  Strength 1 starts from pure noise, as diffusers' inpainting pipeline does,
+  so it equals text to image; strength 0 runs no step and returns the VAE round
+  trip of the input.
+- inpainting (``StableDiffusionInpaintPipeline``): with a 4-channel UNet,
+  after every step the kept area of the latents is reset to the init image's
+  latents noised to the next timestep (``Blend``); with a 9-channel
+  inpainting UNet, every row carries the latent mask and the masked image's
+  latents as extra input channels. On such a UNet every row needs them, so
+  rows without a mask get what diffusers computes for an all-white mask:
+  mask 1 everywhere and the latents of an all-zero (mid-grey) image.
+- hi-res fix: a second pass (``Pass``) at the larger size, img2img over the
+  first pass's upscaled result. It begins inside the step that ends the first
+  pass; from then on the state's latents have the new shape, so it can only
+  share calls with states of that shape (the batcher moves it; see
+  ``service.batcher``). Step numbers and ``total_steps`` count both passes.
 
 ``step`` takes any states whose latents have one shape: every row carries its
 own timestep, rows with and without classifier-free guidance share the call,
@@ -33,24 +56,59 @@ import torch
 from diffusiond.backends.base import Backend, CachesDeepFeatures, ControlRows, CrossAttentionKV, RunsControlNets
 from diffusiond.errors import OutOfMemory, ResourceExhausted
 from diffusiond.models.config import ModelConfig
+from diffusiond.pipeline import conditioning as images_in
 from diffusiond.pipeline import previews
 from diffusiond.pipeline.memory import RowRunner, release_cached_memory
 from diffusiond.pipeline.observers import BatchObserver, JobObserver, NullBatchObserver, NullObserver
 from diffusiond.pipeline.request import (
     GenerationRequest,
     GenerationResult,
+    HiresSpec,
     PreviewKind,
     StartInfo,
     StepInfo,
     Timings,
+    Upscaler,
 )
 from diffusiond.pipeline.safety import SafetyChecker
-from diffusiond.pipeline.schedulers import SchedulerFactory
+from diffusiond.pipeline.schedulers import SchedulerFactory, timesteps_for_strength
 from diffusiond.pipeline.text import PromptEncoder
 
 log = logging.getLogger(__name__)
 
 Context = torch.Tensor | CrossAttentionKV
+
+
+# Sizes whose all-white-mask conditioning (for rows without a mask on an inpainting UNet) is kept.
+FULL_MASK_CACHE_SIZES = 8
+
+
+@dataclass
+class Blend:
+    """4-channel inpainting: after every step the kept area is reset to the init image's latents,
+    noised to the next timestep (what diffusers does for UNets without mask inputs)."""
+
+    image_latents: torch.Tensor  # [k, C, h, w] scaled latents of the init image
+    noise: torch.Tensor  # [k, C, h, w] the noise the pass started from
+    mask: torch.Tensor  # [1, 1, h, w] 1 = repaint, 0 = keep
+
+
+@dataclass
+class Pass:
+    """One denoising pass of a request: its size, its own scheduler and timesteps, and what its rows carry."""
+
+    width: int
+    height: int
+    scheduler: Any  # its own instance: multistep schedulers keep history
+    step_kwargs: dict[str, Any]  # eta / generator, for schedulers that take them
+    timesteps: torch.Tensor  # the ones this pass runs (img2img runs the last part of the schedule)
+    first_step: int  # steps the request took before this pass
+    conditioning: torch.Tensor | None = None  # [k, 1 + C, h, w] mask and masked-image latents (9-channel UNet)
+    blend: Blend | None = None  # 4-channel inpainting
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
 
 
 @dataclass
@@ -59,15 +117,16 @@ class RequestState:
 
     request: GenerationRequest
     observer: JobObserver
-    scheduler: Any  # its own instance: multistep schedulers keep history
     generators: list[torch.Generator]  # one per image, seeded seed + i
-    step_kwargs: dict[str, Any]  # eta / generator, for schedulers that take them
     cond: Context  # [k, T, D] prompt encoding (or its cross-attention keys and values)
     uncond: Context | None  # the negative prompt's; None without guidance
-    latents: torch.Tensor  # [k, C, h, w] on the backend's device
+    current: Pass
+    latents: torch.Tensor  # [k, C, h, w] on the backend's device, at the current pass's size
+    total_steps: int  # every pass's steps
     timings: Timings
     warnings: list[str]
-    steps_done: int = 0
+    next_pass: HiresSpec | None = None  # the hi-res pass still to come
+    steps_done: int = 0  # over all passes
     started_at: float | None = None  # perf_counter() at its first step
     model_input: torch.Tensor | None = None  # the scaled latents of the step in progress
     deep: torch.Tensor | None = None  # step caching: the UNet's deep features from its latest full pass
@@ -84,12 +143,16 @@ class RequestState:
         return 0.0 if control is None else control.scale_at(self.steps_done, self.total_steps)
 
     @property
-    def total_steps(self) -> int:
-        return len(self.scheduler.timesteps)
+    def scheduler(self) -> Any:
+        return self.current.scheduler
+
+    @property
+    def pass_done(self) -> bool:
+        return self.steps_done - self.current.first_step >= self.current.steps
 
     @property
     def done(self) -> bool:
-        return self.steps_done >= self.total_steps
+        return self.pass_done and self.next_pass is None
 
     @property
     def active(self) -> bool:
@@ -97,20 +160,25 @@ class RequestState:
 
     @property
     def timestep(self) -> torch.Tensor:
-        return self.scheduler.timesteps[self.steps_done]
+        return self.current.timesteps[self.steps_done - self.current.first_step]
 
     @property
     def rows(self) -> int:
         """UNet rows per step: one per image, two with guidance."""
         return self.request.num_images * (1 if self.uncond is None else 2)
 
+    def latent_group(self) -> tuple[str, int, int, str]:
+        """The request's latent group for the pass in progress (a hi-res pass changes it), and its ControlNet."""
+        return (self.request.model, self.current.width, self.current.height, self.request.controlnet)
+
     @property
     def unet_pass(self) -> UNetPass:
-        """Which UNet pass this step takes: step caching reuses deep features between full passes."""
+        """Which UNet pass this step takes: step caching reuses deep features between full passes
+        (counted within each pass: a hi-res pass starts with a full one, its latents being larger)."""
         request = self.request
         if not request.caches_steps:
             return UNetPass(PLAIN, 0)
-        if self.deep is None or self.steps_done % request.cache_interval == 0:
+        if self.deep is None or (self.steps_done - self.current.first_step) % request.cache_interval == 0:
             return UNetPass(FULL, request.cache_depth)
         return UNetPass(SHALLOW, request.cache_depth)
 
@@ -140,6 +208,8 @@ class Text2ImagePipeline:
         self.safety = safety  # when set, every image and preview image handed out is checked
         self._unet_rows = RowRunner("unet", backend.device)
         self._decode_rows = RowRunner("vae_decode", backend.device)
+        self._encode_rows = RowRunner("vae_encode", backend.device)
+        self._full_mask: dict[tuple[int, int], torch.Tensor] = {}  # (width, height) -> [1, 1 + C, h, w]
 
     # -- whole requests -------------------------------------------------------------
 
@@ -187,8 +257,15 @@ class Text2ImagePipeline:
                 states.append((index, self.prepare(request, observer)))
             except ResourceExhausted as exc:
                 outcomes[index] = exc
-        while any(state.active for _, state in states):
-            self.step([state for _, state in states], batch_observer)
+        while True:
+            by_shape: dict[tuple[int, ...], list[RequestState]] = {}
+            for _, state in states:
+                if state.active:
+                    by_shape.setdefault(tuple(state.latents.shape[1:]), []).append(state)
+            if not by_shape:
+                break
+            for group in by_shape.values():  # a hi-res pass has a shape of its own
+                self.step(group, batch_observer)
         for index, state in states:
             try:
                 outcomes[index] = self.finish(state, batch_observer)
@@ -202,11 +279,21 @@ class Text2ImagePipeline:
         """Forget how many rows fitted after running out of memory (call when the work has drained)."""
         self._unet_rows.forget()
         self._decode_rows.forget()
+        self._encode_rows.forget()
+
+    def planned_steps(self, request: GenerationRequest) -> int:
+        """The denoising steps ``request`` takes over all its passes (what ``Started.total_steps`` says)."""
+        strength = None if request.init is None else request.init.strength
+        return self.schedulers.total_steps(request.scheduler, request.steps, strength) + self._hires_steps(request)
+
+    def _hires_steps(self, request: GenerationRequest) -> int:
+        hires = request.hires
+        return 0 if hires is None else self.schedulers.total_steps(request.scheduler, hires.steps, hires.strength)
 
     # -- stage 1: prepare ---------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest, observer: JobObserver | None = None) -> RequestState:
-        """Encode the prompts, set the timesteps and draw the seeded noise."""
+        """Encode the prompts (and image inputs), set the timesteps and draw the seeded noise."""
         observer = observer or NullObserver()
         started = time.perf_counter()
         warnings: list[str] = []
@@ -221,18 +308,98 @@ class Text2ImagePipeline:
             raise self._does_not_fit(request, "encoding its prompts") from None
         timings = Timings(text_encode_s=time.perf_counter() - started)
 
-        scheduler = self.schedulers.create(request.scheduler)
-        scheduler.set_timesteps(request.steps, device=self.backend.device)
-
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.image_seeds()]
-        shape = (
-            1,
-            self.config.latent_channels,
-            request.height // self.config.vae_scale_factor,
-            request.width // self.config.vae_scale_factor,
+        try:
+            first, latents = self._first_pass(request, generators, timings)
+            state = RequestState(
+                request=request,
+                observer=observer,
+                generators=generators,
+                cond=_repeat(cond, k),
+                uncond=None if uncond is None else _repeat(uncond, k),
+                current=first,
+                latents=latents,
+                total_steps=first.steps + self._hires_steps(request),
+                timings=timings,
+                warnings=warnings,
+                next_pass=request.hires,
+                control_image=self._control_image(request),
+            )
+            if state.pass_done and state.next_pass is not None:  # a first pass of no steps (strength 0)
+                self._begin_next_pass(state, NullBatchObserver())
+        except OutOfMemory:
+            release_cached_memory(self.backend.device)
+            raise self._does_not_fit(request, "encoding its image inputs") from None
+        observer.on_started(StartInfo(total_steps=state.total_steps))
+        return state
+
+    def _control_image(self, request: GenerationRequest) -> torch.Tensor | None:
+        """The request's control image as [k, 3, H, W] floats in [0, 1] (what diffusers feeds a ControlNet)."""
+        if request.control is None:
+            return None
+        pixels = torch.from_numpy(np.array(request.control.image)).permute(2, 0, 1).float() / 255.0  # a copy: writable
+        return pixels.unsqueeze(0).expand(request.num_images, -1, -1, -1).to(self.backend.device)
+
+    def _first_pass(
+        self, request: GenerationRequest, generators: list[torch.Generator], timings: Timings
+    ) -> tuple[Pass, torch.Tensor]:
+        """The request's own pass: text to image, or img2img / inpainting from its init image."""
+        init = request.init
+        if init is None:
+            first, latents, _ = self._begin_pass(
+                request, generators, request.width, request.height, request.steps, None, None, 0
+            )
+            return first, latents
+        started = time.perf_counter()
+        k = request.num_images
+        image = images_in.pixels_to_tensor(init.pixels).to(self.backend.device)
+        # Channels-last, as diffusers' latents come out of its VAE encode: a convolution's rounding follows
+        # its input's memory layout, and a multistep scheduler (PLMS) can amplify a 1e-6 difference 20-fold.
+        clean = self._vae_encode(image).repeat(k, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+        mask = conditioning = None
+        if init.mask is not None:
+            pixel_mask = images_in.binary_mask(init.mask).to(self.backend.device)
+            mask = images_in.latent_mask(pixel_mask, clean.shape[2], clean.shape[3])
+            if self.config.inpainting_unet:
+                masked = self._vae_encode(images_in.masked_image(image, pixel_mask))
+                conditioning = torch.cat([mask, masked], dim=1).repeat(k, 1, 1, 1)
+        timings.image_encode_s = time.perf_counter() - started
+        first, latents, noise = self._begin_pass(
+            request, generators, request.width, request.height, request.steps, init.strength, clean, 0, conditioning
         )
+        if mask is not None and not self.config.inpainting_unet:
+            first.blend = Blend(image_latents=clean, noise=noise, mask=mask)
+        return first, latents
+
+    def _begin_pass(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        width: int,
+        height: int,
+        steps: int,
+        strength: float | None,
+        clean: torch.Tensor | None,
+        first_step: int,
+        conditioning: torch.Tensor | None = None,
+    ) -> tuple[Pass, torch.Tensor, torch.Tensor]:
+        """A pass's scheduler, timesteps, starting latents and the noise in them: pure noise, or ``clean``
+        (scaled latents) noised to the first timestep ``strength`` keeps (diffusers' ``get_timesteps``
+        and ``prepare_latents``). ``strength`` None is text to image."""
+        scheduler = self.schedulers.create(request.scheduler)
+        scheduler.set_timesteps(steps, device=self.backend.device)
+        timesteps = scheduler.timesteps if strength is None else timesteps_for_strength(scheduler, steps, strength)
+
+        f = self.config.vae_scale_factor
+        shape = (1, self.config.latent_channels, height // f, width // f)
         noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        latents = noise.to(self.backend.device) * scheduler.init_noise_sigma
+        noise = noise.to(self.backend.device)
+        if clean is None or (strength is not None and strength >= 1.0):
+            latents = noise * scheduler.init_noise_sigma
+        elif len(timesteps) == 0:
+            latents = clean  # strength 0: the VAE round trip of the input
+        else:
+            latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators)))
 
         step_params = inspect.signature(scheduler.step).parameters
         step_kwargs: dict[str, Any] = {}
@@ -240,26 +407,55 @@ class Text2ImagePipeline:
             step_kwargs["eta"] = 0.0
         if "generator" in step_params:
             step_kwargs["generator"] = generators
+        if conditioning is None and self.config.inpainting_unet:
+            conditioning = self._full_mask_conditioning(width, height).repeat(len(generators), 1, 1, 1)
+        current = Pass(width, height, scheduler, step_kwargs, timesteps, first_step, conditioning)
+        return current, latents, noise
 
-        control_image = None
-        if request.control is not None:
-            pixels = torch.from_numpy(np.array(request.control.image)).permute(2, 0, 1).float() / 255.0  # a copy: writable
-            control_image = pixels.unsqueeze(0).expand(k, -1, -1, -1).to(self.backend.device)
-        state = RequestState(
-            control_image=control_image,
-            request=request,
-            observer=observer,
-            scheduler=scheduler,
-            generators=generators,
-            step_kwargs=step_kwargs,
-            cond=_repeat(cond, k),
-            uncond=None if uncond is None else _repeat(uncond, k),
-            latents=latents,
-            timings=timings,
-            warnings=warnings,
+    def _begin_next_pass(self, state: RequestState, observer: BatchObserver) -> None:
+        """Upscale the finished pass and start the hi-res pass from it (OutOfMemory if that does not fit)."""
+        spec = state.next_pass
+        assert spec is not None
+        state.next_pass = None
+        f = self.config.vae_scale_factor
+        if spec.upscaler is Upscaler.LATENT_BICUBIC:
+            clean = images_in.upscale_latents(state.latents, spec.height // f, spec.width // f)
+        else:
+            decoded = self._decode(state.latents, observer)
+            if decoded is None:
+                raise OutOfMemory("the decode before the hi-res upscale did not fit even one image at a time")
+            larger = images_in.resize_images(previews.to_uint8_images(decoded), spec.width, spec.height)
+            pixels = torch.cat([images_in.pixels_to_tensor(p) for p in larger]).to(self.backend.device)
+            clean = self._vae_encode(pixels, observer)
+        state.deep = None  # the first pass's deep features have the first pass's size
+        state.current, state.latents, _ = self._begin_pass(
+            state.request, state.generators, spec.width, spec.height, spec.steps, spec.strength, clean,
+            state.steps_done,
         )
-        observer.on_started(StartInfo(total_steps=state.total_steps))
-        return state
+
+    def _vae_encode(self, images: torch.Tensor, observer: BatchObserver | None = None) -> torch.Tensor:
+        """[B, 3, H, W] images in [-1, 1] -> [B, C, h, w] scaled latents; OutOfMemory if one image alone does not fit."""
+        (latents,) = self._encode_rows.run(
+            self.backend.vae_encode, (images,), [(0, images.shape[0])], tuple(images.shape[1:]), observer
+        )
+        if latents is None:
+            raise OutOfMemory("a VAE encode did not fit even one image at a time")
+        return latents * self.config.scaling_factor
+
+    def _full_mask_conditioning(self, width: int, height: int) -> torch.Tensor:
+        """What an inpainting UNet's rows without a mask carry: diffusers' conditioning for an all-white
+        mask (mask 1 everywhere, latents of an all-zero image), computed once per size."""
+        key = (width, height)
+        cached = self._full_mask.get(key)
+        if cached is None:
+            zeros = torch.zeros((1, 3, height, width), device=self.backend.device)
+            masked = self._vae_encode(zeros)
+            ones = torch.ones((1, 1, *masked.shape[2:]), device=masked.device)
+            cached = torch.cat([ones, masked], dim=1)
+            if len(self._full_mask) >= FULL_MASK_CACHE_SIZES:
+                self._full_mask.pop(next(iter(self._full_mask)))
+            self._full_mask[key] = cached
+        return cached
 
     def _encode(self, text: str, field_name: str, warnings: list[str]) -> Context:
         encoding = self.prompts.encode(text)
@@ -314,7 +510,7 @@ class Text2ImagePipeline:
                 self._advance(state, output, observer)
             except OutOfMemory:
                 release_cached_memory(self.backend.device)
-                state.error = self._does_not_fit(state.request, "its denoising step or preview")
+                state.error = self._does_not_fit(state.request, "its denoising step, preview or hi-res upscale")
 
     def _predict_noise(
         self, states: list[RequestState], latent_shape: tuple[int, ...], observer: BatchObserver
@@ -347,8 +543,11 @@ class Text2ImagePipeline:
         row = 0
         for state in states:
             halves = [state.cond] if state.uncond is None else [state.uncond, state.cond]
+            unet_input = state.model_input
+            if state.current.conditioning is not None:  # an inpainting UNet: mask and masked-image latents
+                unet_input = torch.cat([unet_input, state.current.conditioning], dim=1)
             for context in halves:
-                samples.append(state.model_input)
+                samples.append(unet_input)
                 contexts.append(context)
                 if state.control_image is not None:  # diffusers steers both halves of guidance alike
                     control_images.append(state.control_image)
@@ -392,7 +591,8 @@ class Text2ImagePipeline:
         return outputs
 
     def _advance(self, state: RequestState, output: torch.Tensor, observer: BatchObserver) -> None:
-        """Guidance, the state's own scheduler step, and its progress event (with a preview when due)."""
+        """Guidance, the state's own scheduler step (and inpainting blend), its progress event (with a
+        preview when due), and the start of its hi-res pass when this step ended the first."""
         request = state.request
         k = request.num_images
         if state.uncond is not None:
@@ -410,8 +610,11 @@ class Text2ImagePipeline:
             clean = previews.predicted_clean_latent(
                 state.scheduler, t, state.model_input, eps, self.config.prediction_type
             )
-        state.latents = state.scheduler.step(eps, t, state.latents, **state.step_kwargs, return_dict=False)[0]
+        current = state.current
+        state.latents = current.scheduler.step(eps, t, state.latents, **current.step_kwargs, return_dict=False)[0]
         state.steps_done = step
+        if current.blend is not None:
+            self._blend(state)
 
         preview: np.ndarray | None = None
         if due:
@@ -437,8 +640,24 @@ class Text2ImagePipeline:
                 eta_s=elapsed / step * (total - step),
                 preview_kind=request.preview.kind if due else PreviewKind.NONE,
                 preview=preview,
+                width=current.width,
+                height=current.height,
             )
         )
+        if state.pass_done and state.next_pass is not None:
+            self._begin_next_pass(state, observer)
+
+    @staticmethod
+    def _blend(state: RequestState) -> None:
+        """Keep the unmasked area: the init image's latents, noised to the next timestep (none after the last)."""
+        current = state.current
+        blend = current.blend
+        assert blend is not None
+        kept = blend.image_latents
+        following = state.steps_done - current.first_step
+        if following < current.steps:
+            kept = current.scheduler.add_noise(kept, blend.noise, current.timesteps[following : following + 1])
+        state.latents = (1 - blend.mask) * kept + blend.mask * state.latents
 
     # -- stage 3: finish -------------------------------------------------------------------
 
@@ -457,10 +676,13 @@ class Text2ImagePipeline:
             state.error = self._does_not_fit(state.request, "decoding one of its images")
             raise state.error
         images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        init = state.request.init
+        if init is not None and init.keep_unmasked and init.mask is not None:
+            images = images_in.paste_unmasked(images, init.pixels, init.mask)
         filtered = self._filter(state, images, observer or NullBatchObserver())
         timings = state.timings
         timings.decode_s = time.perf_counter() - started
-        timings.total_s = timings.text_encode_s + timings.denoise_s + timings.decode_s
+        timings.total_s = timings.text_encode_s + timings.image_encode_s + timings.denoise_s + timings.decode_s
         return GenerationResult(
             request=state.request,
             images=images,
@@ -497,7 +719,7 @@ class Text2ImagePipeline:
         log.warning("req=%s: %s ran out of memory even alone", request.request_id, what)
         return ResourceExhausted(
             f"request {request.request_id} does not fit in {self.backend.device} memory: {what} ran out of "
-            f"memory even alone ({request.num_images} image(s) of {request.width}x{request.height}); "
+            f"memory even alone ({request.num_images} image(s) of {request.output_width}x{request.output_height}); "
             "try fewer images or a smaller size"
         )
 

@@ -37,6 +37,7 @@ from diffusiond.server.tls import TlsSettings, server_credentials
 from diffusiond.service.batcher import Batcher, BatcherSettings
 from diffusiond.service.control import ControlNetSource
 from diffusiond.service.generation import GenerationService
+from diffusiond.service.image_decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from diffusiond.service.limits import ModelLimits
 from diffusiond.service.models import ModelRegistry, load_model, warm_up
 from diffusiond.service.result_cache import ResultCache
@@ -62,7 +63,11 @@ class ServerSettings:
     grace_period_s: float = 30.0
     # None: transport.largest_response_bytes(max_size, max_images), enough for any answer.
     max_send_message_bytes: int | None = None
-    max_receive_message_bytes: int = transport.DEFAULT_MAX_RECEIVE_BYTES
+    # None: transport.largest_request_bytes(max_input_image_bytes), enough for any request with images.
+    max_receive_message_bytes: int | None = None
+    # Each input image (init, mask): checked before it is decoded.
+    max_input_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_input_pixels: int = DEFAULT_MAX_PIXELS
     compression: str = "none"  # default compression of responses: none or gzip
     warmup: bool = True
     prompt_cache_size: int = 256  # prompt encodings kept per model
@@ -95,6 +100,17 @@ class ServerSettings:
             raise ValueError(f"grace_period_s must not be negative, got {self.grace_period_s}")
         if self.auth_tokens_file and self.auth_tokens_text:
             raise ValueError("give auth tokens in a file or as text, not both")
+        ImageLimits(self.max_input_image_bytes, self.max_input_pixels)  # ValueError naming a limit out of range
+
+    @property
+    def input_images(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_input_image_bytes, max_pixels=self.max_input_pixels)
+
+    @property
+    def receive_limit_bytes(self) -> int:
+        if self.max_receive_message_bytes is not None:
+            return self.max_receive_message_bytes
+        return transport.largest_request_bytes(self.max_input_image_bytes)
 
     @property
     def send_limit_bytes(self) -> int:
@@ -142,7 +158,14 @@ class DiffusionServer:
     async def start(self) -> int:
         """Bind and serve (health NOT_SERVING until ``load`` finishes); return the bound port."""
         settings = self.settings
-        options = transport.server_options(settings.send_limit_bytes, settings.max_receive_message_bytes)
+        needed = transport.largest_request_bytes(settings.max_input_image_bytes)
+        if settings.receive_limit_bytes < needed:
+            log.warning(
+                "the receive limit (%d bytes) is below what two input images of the %d-byte limit need (%d bytes): "
+                "such requests will be refused by the transport, without naming a field",
+                settings.receive_limit_bytes, settings.max_input_image_bytes, needed,
+            )
+        options = transport.server_options(settings.send_limit_bytes, settings.receive_limit_bytes)
         server = grpc.aio.server(
             options=options,
             compression=transport.compression_named(settings.compression),
@@ -227,6 +250,7 @@ class DiffusionServer:
                 settings=self.settings.backend_settings,
                 max_size=self.settings.max_size,
                 prompt_cache_size=self.settings.prompt_cache_size,
+                input_images=self.settings.input_images,
                 safety_checker=Path(self.settings.safety_checker) if self.settings.safety_checker else None,
                 default_cache_interval=self.settings.cache_interval,
                 default_cache_depth=self.settings.cache_depth,

@@ -15,9 +15,10 @@ import numpy as np
 
 from diffusiond.api.v1 import diffusion_pb2 as pb
 from diffusiond.errors import InvalidArgument
-from diffusiond.pipeline.request import ImageFormat, PreviewKind
+from diffusiond.pipeline.request import ImageFormat, PreviewKind, Upscaler
 from diffusiond.service.batcher import QueuedInfo
 from diffusiond.service.control import ControlParams
+from diffusiond.service.image_inputs import HiresParams
 from diffusiond.service.models import LoadedModel
 from diffusiond.service.outputs import EncodedImage, EncodedResult, StartedEvent, StepEvent
 from diffusiond.service.resolver import GenerationParams, PreviewParams, check_request_id, step_cache_depths
@@ -36,6 +37,12 @@ PREVIEW_KINDS = {
     pb.PREVIEW_KIND_APPROX_RGB: PreviewKind.APPROX_RGB,
     pb.PREVIEW_KIND_FULL: PreviewKind.FULL,
 }
+UPSCALERS = {
+    pb.UPSCALER_UNSPECIFIED: Upscaler.LATENT_BICUBIC,
+    pb.UPSCALER_LATENT_BICUBIC: Upscaler.LATENT_BICUBIC,
+    pb.UPSCALER_LANCZOS: Upscaler.LANCZOS,
+}
+_UPSCALER_TO_PROTO = {Upscaler.LATENT_BICUBIC: pb.UPSCALER_LATENT_BICUBIC, Upscaler.LANCZOS: pb.UPSCALER_LANCZOS}
 _FORMAT_TO_PROTO = {ImageFormat.PNG: pb.IMAGE_FORMAT_PNG, ImageFormat.JPEG: pb.IMAGE_FORMAT_JPEG,
                     ImageFormat.WEBP: pb.IMAGE_FORMAT_WEBP}
 _PREVIEW_TO_PROTO = {kind: value for value, kind in PREVIEW_KINDS.items()}
@@ -63,6 +70,10 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         raise InvalidArgument(
             "preview.kind", f"unknown value {msg.preview.kind}; use PREVIEW_KIND_LATENT, _APPROX_RGB or _FULL"
         )
+    if msg.hires.upscaler not in UPSCALERS:
+        raise InvalidArgument(
+            "hires.upscaler", f"unknown value {msg.hires.upscaler}; use UPSCALER_LATENT_BICUBIC or UPSCALER_LANCZOS"
+        )
     return GenerationParams(
         request_id=msg.request_id if request_id is None else request_id,
         model=msg.model,
@@ -78,6 +89,12 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         output_format=IMAGE_FORMATS[msg.output_format],
         quality=msg.quality,
         preview=PreviewParams(PREVIEW_KINDS[msg.preview.kind], msg.preview.every_n_steps, msg.preview.max_size),
+        init_image=msg.init_image,
+        strength=msg.strength if msg.HasField("strength") else None,
+        mask_image=msg.mask_image,
+        mask_blur=msg.mask_blur,
+        keep_unmasked=msg.keep_unmasked,
+        hires=hires_from_proto(msg.hires) if msg.HasField("hires") else None,
         cache_interval=msg.cache_interval,
         cache_depth=msg.cache_depth,
         control=control_from_proto(msg.control) if msg.HasField("control") else None,
@@ -102,6 +119,17 @@ def control_to_proto(control: ControlParams) -> pb.ControlOptions:
         if value is not None:
             setattr(msg, name, value)
     return msg
+
+
+def hires_from_proto(msg: pb.HiresOptions) -> HiresParams:
+    return HiresParams(
+        scale=msg.scale,
+        width=msg.width,
+        height=msg.height,
+        steps=msg.steps,
+        strength=msg.strength if msg.HasField("strength") else None,
+        upscaler=UPSCALERS[msg.upscaler],
+    )
 
 
 def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
@@ -131,6 +159,18 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
         msg.seed = params.seed
     if params.control is not None:
         msg.control.CopyFrom(control_to_proto(params.control))
+    msg.init_image = params.init_image
+    msg.mask_image = params.mask_image
+    msg.mask_blur = params.mask_blur
+    msg.keep_unmasked = params.keep_unmasked
+    if params.strength is not None:
+        msg.strength = params.strength
+    hires = params.hires
+    if hires is not None:
+        msg.hires.CopyFrom(pb.HiresOptions(scale=hires.scale, width=hires.width, height=hires.height,
+                                           steps=hires.steps, upscaler=_UPSCALER_TO_PROTO[hires.upscaler]))
+        if hires.strength is not None:
+            msg.hires.strength = hires.strength
     return msg
 
 
@@ -154,7 +194,7 @@ def response_to_proto(result: EncodedResult) -> pb.GenerateResponse:
         steps=request.steps,
         guidance_scale=request.guidance_scale,
         timings=pb.Timings(queue_s=t.queue_s, text_encode_s=t.text_encode_s, denoise_s=t.denoise_s,
-                           decode_s=t.decode_s, total_s=t.total_s),
+                           decode_s=t.decode_s, total_s=t.total_s, image_encode_s=t.image_encode_s),
         warnings=result.warnings,
         from_cache=result.from_cache,
     )
@@ -177,8 +217,8 @@ def started_to_proto(event: StartedEvent) -> pb.Started:
         backend=event.backend,
         total_steps=event.total_steps,
         seed=request.seed,
-        width=request.width,
-        height=request.height,
+        width=request.output_width,
+        height=request.output_height,
         scheduler=request.scheduler,
     )
 
@@ -210,6 +250,7 @@ def event_to_proto(request_id: str, event: QueuedInfo | StartedEvent | StepEvent
 
 def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
     limits = model.limits
+    support = model.image_support
     return pb.ModelInfo(
         name=model.name,
         backend=model.backend.name,
@@ -230,6 +271,14 @@ def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
         latent_channels=model.config.latent_channels,
         latent_scaling_factor=model.config.scaling_factor,
         is_default=is_default,
+        image_inputs=pb.ImageInputSupport(
+            img2img=support.img2img,
+            inpainting=support.inpainting,
+            inpainting_method=support.inpainting_method,
+            hires=support.hires,
+            max_image_bytes=limits.input_images.max_bytes,
+            max_image_pixels=limits.input_images.max_pixels,
+        ),
         step_cache_depths=step_cache_depths(model),
         controlnets=[pb.ControlNetInfo(name=c.name, conditioning=c.conditioning) for c in model.controlnets.values()],
         default_cache_interval=limits.default_cache_interval,

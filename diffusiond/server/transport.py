@@ -16,8 +16,17 @@ So the send limit defaults to
     max_images * (max_size^2 * 3 * 1.01 + 64 KiB) + 1 MiB
 
 with max_size at least 1024 (models whose native size exceeds ``--max-size``
-still produce it), which is 98 MiB for the defaults (8 images of 2048 x 2048). The receive limit
-defaults to gRPC's own 4 MiB: a request is at most about 40 KiB.
+still produce it), which is 98 MiB for the defaults (8 images of 2048 x 2048).
+
+The largest message the server receives is a ``GenerateRequest`` with two
+input images (init and mask) of at most ``--max-input-image-mb`` each, plus
+its text (at most about 40 KiB). So the receive limit defaults to
+
+    2 * max_input_image_bytes + 1 MiB
+
+which is 17 MiB for the default 8 MiB per image. A smaller limit would refuse
+requests whose images pass every check of their own, with a transport error
+that names no field; the server warns when it is given one.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ COMPRESSION: dict[str, grpc.Compression] = {
     "gzip": grpc.Compression.Gzip,
 }
 MIB = 1024 * 1024
-DEFAULT_MAX_RECEIVE_BYTES = 4 * MIB
+INPUT_IMAGES_PER_REQUEST = 2  # init image and mask
 PNG_OVERHEAD = 1.01  # measured 1.003 on random pixels; rounded up
 PER_IMAGE_OVERHEAD_BYTES = 64 * 1024  # PNG text chunk (prompts) and protobuf fields
 PER_MESSAGE_OVERHEAD_BYTES = MIB
@@ -44,6 +53,11 @@ def largest_response_bytes(max_size: int, max_images: int) -> int:
     """An upper bound on the bytes of any message the server sends (see the module docstring)."""
     per_image = math.ceil(max_size * max_size * 3 * PNG_OVERHEAD) + PER_IMAGE_OVERHEAD_BYTES
     return max_images * per_image + PER_MESSAGE_OVERHEAD_BYTES
+
+
+def largest_request_bytes(max_input_image_bytes: int) -> int:
+    """An upper bound on the bytes of any request that passes the input image limit (see the module docstring)."""
+    return INPUT_IMAGES_PER_REQUEST * max_input_image_bytes + PER_MESSAGE_OVERHEAD_BYTES
 
 
 def compression_named(name: str) -> grpc.Compression:

@@ -20,6 +20,17 @@ indefinitely; that one starts as soon as the running set has drained. When the
 set is empty, the oldest request may wait up to ``max_batch_delay_ms`` (from
 its arrival) for company.
 
+A hi-res request changes latent shape half-way: the step that ends its first
+pass starts its second at the larger size. It can then no longer share the
+running set's UNet call, so after that step the batcher moves it out of the
+running set, state and all, into a *resuming* line that stands before the
+queue: it is older than anything queued, and it re-enters exactly as a queued
+request of its new size would: it joins a running set of that size, or, as
+first come, it stops admission until the current set drains and then forms
+the next set (with any queued requests of its size). It keeps its steps,
+generators and events; its step numbers go on from where they were. A
+request cancelled while resuming leaves at once, like a queued one.
+
 ``static`` batching (kept for comparison) is the behaviour before continuous
 batching: a batch forms only when nothing runs, from requests with the same
 model, size, steps and scheduler anywhere in the queue, and runs from its first
@@ -267,7 +278,10 @@ class Batcher:
         self.settings = settings or BatcherSettings()
         self.metrics: BatcherMetrics = metrics or NullBatcherMetrics()
         self._pending: deque[RequestHandle] = deque()
+        # Started requests whose next pass has another latent shape than the running set's; before the queue.
+        self._resuming: deque[RequestHandle] = deque()
         self._running: list[RequestHandle] = []  # only the worker changes it, under the lock
+        self._group: Hashable = None  # what the running set's members share (``_group_of``)
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -294,7 +308,11 @@ class Batcher:
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self._running
+            return not self._pending and not self._running and not self._resuming
+
+    def _busy(self) -> bool:
+        """Whether started work is ahead of the queue (lock held)."""
+        return bool(self._running or self._resuming)
 
     def submit(self, handle: RequestHandle) -> int:
         """Queue a request; return how many requests are ahead of it (a running set counts as one)."""
@@ -306,24 +324,29 @@ class Batcher:
                     f"the request queue is full ({len(self._pending)} of {self.settings.max_queue} places "
                     "taken); retry later"
                 )
-            position = len(self._pending) + (1 if self._running else 0)
+            position = len(self._pending) + (1 if self._busy() else 0)
             self._pending.append(handle)
             self._cond.notify_all()
         handle.queued(position)
         return position
 
     def cancel(self, handle: RequestHandle) -> None:
-        """The caller went away: a queued request leaves the queue now, a running one at its next step."""
+        """The caller went away: a queued (or resuming) request leaves now, a running one at its next step."""
         handle.cancel()
         with self._cond:
+            resuming = handle in self._resuming
             try:
-                self._pending.remove(handle)
+                (self._resuming if resuming else self._pending).remove(handle)
             except ValueError:
                 return  # running, finished, or never queued
+            handle.state = None
             self._cond.notify_all()
         reason = handle.stop_reason() or Cancelled(f"request {handle.request.request_id} was cancelled")
-        log.info("req=%s left the queue: %s", handle.request.request_id, reason)
-        handle.resolve(reason)
+        log.info("req=%s left the %s: %s", handle.request.request_id, "resuming line" if resuming else "queue", reason)
+        if resuming:
+            self._resolve(handle, reason)  # it had started: its metrics end too
+        else:
+            handle.resolve(reason)
         self._publish_positions()
 
     def stop_accepting(self) -> None:
@@ -334,7 +357,7 @@ class Batcher:
         """Wait until queued and running work is done; False if ``timeout`` passed first."""
         end = time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._running:
+            while self._pending or self._running or self._resuming:
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -348,10 +371,15 @@ class Batcher:
             self._abort = Unavailable(f"request not finished: {reason}")
             leftovers = list(self._pending)
             self._pending.clear()
+            resuming = list(self._resuming)
+            self._resuming.clear()
             running = list(self._running)
             self._cond.notify_all()
         for handle in running:
             handle.abort(Unavailable(f"request {handle.request.request_id} was stopped: {reason}"))
+        for handle in resuming:
+            handle.state = None
+            self._resolve(handle, Unavailable(f"request {handle.request.request_id} was stopped: {reason}"))
         for handle in leftovers:
             handle.resolve(Unavailable(f"request {handle.request.request_id} was not run: {reason}"))
 
@@ -381,6 +409,7 @@ class Batcher:
     def _run_one_step(self, admitted: list[RequestHandle]) -> None:
         for handle in admitted:
             self._start(handle)
+        self._move_strays()  # a hi-res request whose first pass has no steps starts at its second size
         self._publish_positions()
         for handle in self.running:  # cancelled, past the deadline, or aborted: out before the step
             reason = handle.stop_reason()
@@ -402,8 +431,26 @@ class Batcher:
             state = handle.state
             if state is not None and not state.active:
                 self._finish(handle, state)
-        if not self.running:  # drained: whatever ran out of memory is gone too
+        self._move_strays()
+        if not self._busy_now():  # drained: whatever ran out of memory is gone too
             model.pipeline.forget_row_limits()
+
+    def _busy_now(self) -> bool:
+        with self._cond:
+            return self._busy()
+
+    def _move_strays(self) -> None:
+        """Running requests whose pass now has another latent shape than the set's wait, before the queue,
+        for a set of theirs."""
+        for handle in self.running:
+            state = handle.state
+            if state is None or self._group_of(handle) == self._group:
+                continue
+            with self._cond:
+                self._running.remove(handle)
+                self._resuming.append(handle)
+            log.info("req=%s resumes at %dx%d after step %d", handle.request.request_id, state.current.width,
+                     state.current.height, state.steps_done)
 
     def _admit(self) -> list[RequestHandle] | None:
         """Requests to add to the running set at this step boundary; None when the worker should stop.
@@ -412,28 +459,29 @@ class Batcher:
         """
         with self._cond:
             if not self._running:
-                while not self._pending:
+                while not self._pending and not self._resuming:
                     if self._stopping:
                         return None
                     self._cond.wait()
                 return self._form_batch()
             if not self.continuous:
                 return []
-            return self._take_joiners(self._running[0].request.latent_group(), self._running_images())
+            return self._take_joiners(self._group, self._running_images())
 
     def _running_images(self) -> int:
         return sum(handle.images for handle in self._running)
 
     def _form_batch(self) -> list[RequestHandle]:
-        """A new running set around the oldest queued request (called with the lock held)."""
-        first = self._pending.popleft()
+        """A new running set around the oldest waiting request, resuming ones first (called with the lock held)."""
+        first = self._resuming.popleft() if self._resuming else self._pending.popleft()
+        self._group = self._group_of(first)
         batch, images = [first], first.images
         limit = self.settings.max_batch_size
         # The delay counts from the oldest request's arrival: one that already waited behind
         # a running set does not wait again.
         give_up = first.enqueued_at + self.settings.max_batch_delay_ms / 1000.0
         while images < limit:
-            joiners = self._take_joiners(self._group_of(first.request), images)
+            joiners = self._take_joiners(self._group, images)
             batch += joiners
             images += sum(handle.images for handle in joiners)
             remaining = give_up - time.monotonic()
@@ -442,30 +490,47 @@ class Batcher:
             self._cond.wait(remaining)
         return batch
 
-    def _group_of(self, request: GenerationRequest) -> Hashable:
-        return request.latent_group() if self.continuous else request.static_group()
+    def _group_of(self, handle: RequestHandle) -> Hashable:
+        """Which running set a request may be in: its latent shape now (continuous), and also the same
+        timesteps and pass (static). A started request's state says where it is; a hi-res pass moves it."""
+        state = handle.state
+        request = handle.request
+        shape = request.latent_group() if state is None else state.latent_group()
+        if self.continuous:
+            return shape
+        return (shape, request.static_group(), 0 if state is None else state.current.first_step)
 
     def _take_joiners(self, group: Hashable, images: int) -> list[RequestHandle]:
-        """Queued requests that may join a set of ``group`` holding ``images`` images (lock held).
+        """Waiting requests that may join a set of ``group`` holding ``images`` images (lock held).
 
-        Continuous: oldest first, stopping at the first one that cannot join (first come, first
-        served). Static: any compatible request that fits, from anywhere in the queue.
+        Resuming requests come first, then the queue. Continuous: oldest first, stopping at the
+        first one that cannot join (first come, first served). Static: any compatible request that
+        fits, from anywhere.
         """
         limit = self.settings.max_batch_size
         joiners = []
-        for handle in list(self._pending):
-            fits = images + handle.images <= limit and self._group_of(handle.request) == group
-            if fits:
-                self._pending.remove(handle)
-                joiners.append(handle)
-                images += handle.images
-            elif self.continuous:
-                break
+        for line in (self._resuming, self._pending):
+            for handle in list(line):
+                fits = images + handle.images <= limit and self._group_of(handle) == group
+                if fits:
+                    line.remove(handle)
+                    joiners.append(handle)
+                    images += handle.images
+                elif self.continuous:
+                    return joiners
         return joiners
 
     def _start(self, handle: RequestHandle) -> None:
-        """Prepare a request (prompt encoding, noise) and add it to the running set."""
+        """Prepare a request (prompt encoding, noise) and add it to the running set; a resuming one
+        goes back in as it is."""
         reason = handle.stop_reason()
+        if handle.state is not None:
+            if reason is not None:
+                self._retire(handle, reason)
+            else:
+                with self._cond:
+                    self._running.append(handle)
+            return
         if reason is not None:
             log.info("req=%s not run: %s", handle.request.request_id, reason)
             handle.resolve(reason)
@@ -474,8 +539,9 @@ class Batcher:
         model = handle.model
         self.metrics.request_started(model.name, handle.started_at - handle.enqueued_at)
         request = handle.request
-        log.info("req=%s started (%d running): %dx%d, %d steps of %s", request.request_id,
-                 len(self._running) + 1, request.width, request.height, request.steps, request.scheduler)
+        log.info("req=%s started (%d running): %dx%d, %d steps of %s%s", request.request_id,
+                 len(self._running) + 1, request.width, request.height, request.steps, request.scheduler,
+                 "" if request.hires is None else f", then {request.hires.width}x{request.hires.height}")
         try:
             handle.state = model.pipeline.prepare(request, handle)
         except Exception as exc:
@@ -519,6 +585,6 @@ class Batcher:
     def _publish_positions(self) -> None:
         with self._cond:
             waiting = list(self._pending)
-            ahead = 1 if self._running else 0
+            ahead = 1 if self._busy() else 0
         for position, handle in enumerate(waiting, start=ahead):
             handle.queued(position)

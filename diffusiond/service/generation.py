@@ -2,9 +2,9 @@
 
 A front door (the gRPC servicer; an HTTP gateway would be another) converts
 its messages to ``GenerationParams``, calls these, and converts what comes
-back. Here a request is resolved against its model, answered from the result
-cache or queued on the batcher, and its images encoded off the batcher's
-thread. Leaving early (a cancelled call, an exception in the caller) always
+back. Here a request is resolved against its model (off the event loop when it
+carries images to decode), answered from the result cache or queued on the
+batcher, and its images encoded off the batcher's thread. Leaving early (a cancelled call, an exception in the caller) always
 withdraws the request from the batcher, so its denoising stops at the next step.
 """
 
@@ -47,13 +47,19 @@ class GenerationService:
         model = self.registry.get(params.model)
         return model, resolve(params, model)
 
+    async def _resolve(self, params: GenerationParams) -> tuple[LoadedModel, GenerationRequest]:
+        """``resolve``; in a worker thread when it decodes images, so other calls are not held up."""
+        if params.has_images:
+            return await asyncio.to_thread(self.resolve, params)
+        return self.resolve(params)
+
     def models(self) -> list[tuple[LoadedModel, bool]]:
         """Every loaded model, and whether it is the default."""
         return [(model, model.name == self.registry.default_name) for model in self.registry]
 
     async def generate(self, params: GenerationParams, deadline: float | None = None) -> EncodedResult:
         """The finished images; ``deadline`` is a ``time.monotonic()`` value."""
-        model, request = self.resolve(params)
+        model, request = await self._resolve(params)
         key = self._cache_key(params, request, model)
         cached = self._cached(key)
         if cached is not None:
@@ -70,12 +76,12 @@ class GenerationService:
 
     async def stream(self, params: GenerationParams, deadline: float | None = None) -> AsyncIterator[ProgressEvent]:
         """Queue positions, the start, every step (with previews when due) and the result, in order."""
-        model, request = self.resolve(params)
+        model, request = await self._resolve(params)
         key = self._cache_key(params, request, model)
         cached = self._cached(key)
         if cached is not None:  # nothing is queued or denoised: the start, then the result
             log.info("req=%s answered from the result cache", request.request_id)
-            total = model.schedulers.total_steps(request.scheduler, request.steps)
+            total = model.pipeline.planned_steps(request)
             yield StartedEvent(request, model.name, model.backend.name, total)
             yield cached.answer(request)
             return
@@ -106,9 +112,10 @@ class GenerationService:
         events = EventChannel(self.batcher.settings.max_buffered_previews) if stream else None
         handle = RequestHandle(request, model, asyncio.get_running_loop(), deadline, events)
         log.info(
-            "req=%s accepted%s: model=%s %dx%d steps=%d scheduler=%s images=%d seed=%d",
+            "req=%s accepted%s: model=%s %dx%d steps=%d scheduler=%s images=%d seed=%d%s",
             request.request_id, f" from client={client}" if client else "", model.name, request.width,
             request.height, request.steps, request.scheduler, request.num_images, request.seed,
+            describe_image_inputs(request),
         )
         self.batcher.submit(handle)
         return handle
@@ -127,6 +134,22 @@ class GenerationService:
     def _remember(self, key: ResultKey | None, result: EncodedResult) -> None:
         if key is not None and self.result_cache is not None:
             self.result_cache.put(key, CachedResult.of(result))
+
+
+def describe_image_inputs(request: GenerationRequest) -> str:
+    """The image inputs for a log line ("" for text to image); images appear by their digest only."""
+    parts = []
+    init = request.init
+    if init is not None:
+        kind = "inpaint" if init.inpainting else "img2img"
+        parts.append(f" {kind} strength={init.strength:g} image={init.digest[:12]}")
+        if init.inpainting:
+            parts.append(f" mask_blur={init.mask_blur} keep_unmasked={init.keep_unmasked}")
+    hires = request.hires
+    if hires is not None:
+        parts.append(f" hires={hires.width}x{hires.height} steps={hires.steps} strength={hires.strength:g} "
+                     f"upscaler={hires.upscaler.value}")
+    return "".join(parts)
 
 
 def deadline_in(seconds: float | None) -> float | None:

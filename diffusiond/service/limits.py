@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from diffusiond.errors import FailedPrecondition
 from diffusiond.models.config import ModelConfig
+from diffusiond.service.image_decode import ImageLimits
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ModelLimits:
     max_guidance_scale: float = 30.0
     max_prompt_chars: int = 4096
     max_preview_size: int = 4096
+    input_images: ImageLimits = ImageLimits()  # init and mask images, each (the server's --max-input-* flags)
     default_cache_interval: int = 1  # step caching off unless a request or the server asks
     default_cache_depth: int = 1
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from PIL import Image
 
 from diffusiond.backends import registry as backends
 from diffusiond.backends.base import Backend, BackendSettings
@@ -17,10 +20,30 @@ from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
 from diffusiond.service import control
+from diffusiond.service.image_decode import ImageLimits
 from diffusiond.service.limits import ModelLimits
 from diffusiond.service.resolver import GenerationParams, resolve
 
 log = logging.getLogger(__name__)
+
+INPAINT_BY_UNET = "unet"  # a 9-channel inpainting UNet takes the mask and masked image
+INPAINT_BY_BLENDING = "latent_blend"  # a 4-channel UNet; the kept area is reset every step
+
+
+@dataclass(frozen=True)
+class ImageSupport:
+    """Which image inputs a model takes (ListModels reports it)."""
+
+    img2img: bool  # init_image: needs the VAE encoder
+    inpainting: bool  # mask_image
+    inpainting_method: str  # INPAINT_BY_UNET or INPAINT_BY_BLENDING; "" without inpainting
+    hires: bool  # the latent upscaler needs nothing more; the Lanczos one needs img2img
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ImageSupport:
+        encoder = config.has_vae_encoder
+        method = INPAINT_BY_UNET if config.inpainting_unet else INPAINT_BY_BLENDING
+        return cls(img2img=encoder, inpainting=encoder, inpainting_method=method if encoder else "", hires=True)
 
 
 @dataclass
@@ -36,6 +59,10 @@ class LoadedModel:
     @property
     def schedulers(self) -> SchedulerFactory:
         return self.pipeline.schedulers
+
+    @property
+    def image_support(self) -> ImageSupport:
+        return ImageSupport.of(self.config)
 
 
 def load_tokenizer(model_dir: Path):
@@ -54,6 +81,7 @@ def load_model(
     settings: BackendSettings | None = None,
     max_size: int = 2048,
     prompt_cache_size: int = 256,
+    input_images: ImageLimits | None = None,
     safety_checker: Path | None = None,
     default_cache_interval: int = 1,
     default_cache_depth: int = 1,
@@ -63,18 +91,19 @@ def load_model(
     from ``safety_checker`` when given; it runs on the backend's device, in PyTorch), with ``controlnets``
     (name -> directory) attached; the built-in model gets the shipped canny ControlNet unless named."""
     config = load_model_config(model_dir)
+    if config.inpainting_unet and not config.has_vae_encoder:
+        raise FailedPrecondition(
+            f"{model_dir}: an inpainting UNet needs the VAE encoder for every request (also text to image), "
+            "and this model has none; export it with vae_encoder/"
+        )
     tokenizer = load_tokenizer(model_dir)
     backend = backends.create_backend(backend_name, model_dir, settings or BackendSettings())
     prompts = PromptEncoder(tokenizer, backend, config.text_max_length, cache_size=prompt_cache_size)
     safety = SafetyChecker.load(safety_checker, backend.device) if safety_checker is not None else None
     pipeline = Text2ImagePipeline(backend, prompts, SchedulerFactory(config.scheduler_config), config, safety)
     limits = ModelLimits.for_model(
-        config, max_size=max_size, default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth
-    )
-    log.info(
-        "loaded model %s from %s on %s (%s, %s); native size %d, default scheduler %s",
-        name, model_dir, backend.name, backend.device, backend.dtype_name,
-        config.default_size, pipeline.schedulers.default_name,
+        config, max_size=max_size, input_images=input_images or ImageLimits(),
+        default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth,
     )
     model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits)
     for controlnet_name in control.carried(backend):  # exports carry theirs
@@ -85,6 +114,14 @@ def load_model(
             attached[control.BUILTIN_CONTROLNET_NAME] = control.BUILTIN_CONTROLNET_DIR
     for controlnet_name, path in attached.items():
         model.controlnets[controlnet_name] = control.attach(backend, controlnet_name, Path(path))
+    support = model.image_support
+    log.info(
+        "loaded model %s from %s on %s (%s, %s); native size %d, default scheduler %s; image inputs: %s",
+        name, model_dir, backend.name, backend.device, backend.dtype_name,
+        config.default_size, pipeline.schedulers.default_name,
+        f"img2img, inpainting by {support.inpainting_method}, hi-res" if support.img2img
+        else "hi-res (latent upscaler) only: no VAE encoder",
+    )
     if default_cache_interval > 1:  # the server's default must work for this model
         resolve(GenerationParams(prompt="check", request_id="startup"), model)
     return model
@@ -101,11 +138,17 @@ def _is_builtin(model_dir: Path) -> bool:
 
 def warm_up(model: LoadedModel) -> None:
     """The backend's own warm-up (e.g. its networks at their optimal shapes), then one short generation
-    at the default size, so the first client does not pay for lazy initialisation."""
+    at the default size (from a grey init image where the model takes one, so the VAE encoder is warm
+    too), so the first client does not pay for lazy initialisation."""
     started = time.perf_counter()
     backends.warm_up(model.backend)
-    request = resolve(GenerationParams(prompt="warm up", steps=1, seed=0, request_id="warmup"), model)
-    model.pipeline.generate(request)
+    params = GenerationParams(prompt="warm up", steps=1, seed=0, request_id="warmup")
+    if model.image_support.img2img:
+        size = (model.limits.default_width, model.limits.default_height)
+        grey = io.BytesIO()
+        Image.new("RGB", size, (128, 128, 128)).save(grey, format="PNG")
+        params = replace(params, init_image=grey.getvalue(), strength=1.0)
+    model.pipeline.generate(resolve(params, model))
     log.info("warmed up %s in %.2fs", model.name, time.perf_counter() - started)
 
 

@@ -75,11 +75,20 @@ def png_parameters(request: GenerationRequest, seed: int) -> str:
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
-    lines.append(
+    settings = (
         f"Steps: {request.steps}, Sampler: {request.scheduler}, CFG scale: {request.guidance_scale:g}, "
         f"Seed: {seed}, Size: {request.width}x{request.height}, Model: {request.model}"
         + (f", Step cache: every {request.cache_interval} at depth {request.cache_depth}" if request.caches_steps else "")
     )
+    if request.init is not None:
+        settings += f", Denoising strength: {request.init.strength:g}"
+        if request.init.inpainting:
+            settings += f", Mask blur: {request.init.mask_blur}"
+    if request.hires is not None:
+        hires = request.hires
+        settings += (f", Hires resize: {hires.width}x{hires.height}, Hires steps: {hires.steps}, "
+                     f"Hires denoising strength: {hires.strength:g}, Hires upscaler: {hires.upscaler.value}")
+    lines.append(settings)
     return "\n".join(lines)
 
 
@@ -93,8 +102,8 @@ def encode_result(result: GenerationResult, backend: str) -> EncodedResult:
             EncodedImage(
                 data=encode_image(pixels, request.output_format, request.quality, text),
                 mime_type=request.output_format.mime_type,
-                width=request.width,
-                height=request.height,
+                width=request.output_width,
+                height=request.output_height,
                 seed=seed,
                 index=index,
                 filtered=withheld,
@@ -111,13 +120,15 @@ def encode_result(result: GenerationResult, backend: str) -> EncodedResult:
 
 
 def encode_step(info: StepInfo, request: GenerationRequest) -> StepEvent:
-    """APPROX_RGB / FULL previews become JPEGs scaled to ``preview.max_size``; latents stay as they are."""
+    """APPROX_RGB / FULL previews become JPEGs at their pass's size, scaled to ``preview.max_size``;
+    latents stay as they are."""
     if info.preview is None or info.preview_kind is PreviewKind.LATENT:
         return StepEvent(info)
     seeds = request.image_seeds()
+    width, height = info.width or request.width, info.height or request.height
     images = []
     for index, pixels in enumerate(info.preview):
-        image = fit_preview(pixels, request.width, request.height, request.preview.max_size)
+        image = fit_preview(pixels, width, height, request.preview.max_size)
         images.append(
             EncodedImage(
                 data=encode_image(image, ImageFormat.JPEG, PREVIEW_JPEG_QUALITY),

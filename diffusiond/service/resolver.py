@@ -2,8 +2,9 @@
 
 ``GenerationParams`` is a request as a client sends it: zero, empty or None
 means "the model's default". ``resolve`` fills every default from the model,
-checks every field against the model's limits and draws a seed where none was
-given, once, so the pipeline never sees an unset value. Every front door (the
+checks every field against the model's limits, decodes and fits its image
+inputs (``image_inputs``: after every cheap check) and draws a seed where none
+was given, once, so the pipeline never sees an unset value. Every front door (the
 gRPC servicer, warm-up, INT8 calibration, eval, the benchmarks) goes through
 it, so a request means the same thing wherever it comes from. Every check
 names the field and the allowed values, so a client can fix its request from
@@ -22,8 +23,10 @@ from typing import TYPE_CHECKING
 from diffusiond.backends.base import CachesDeepFeatures
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.pipeline.previews import SD_LATENT_RGB
-from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec
+from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec, Upscaler
+from diffusiond.service import image_inputs
 from diffusiond.service.control import ControlParams, resolve_control
+from diffusiond.service.image_inputs import HiresParams
 
 if TYPE_CHECKING:
     from diffusiond.service.models import LoadedModel
@@ -64,6 +67,18 @@ class GenerationParams:
     control: ControlParams | None = None  # a ControlNet steers the image (None: none)
     request_id: str = ""
     client: str = ""  # who asked (an auth token's name), for logs; not part of the request itself
+    # Image inputs (img2img, inpainting) as encoded bytes, and a hi-res pass; see ``image_inputs``.
+    init_image: bytes = field(default=b"", repr=False)
+    strength: float | None = None
+    mask_image: bytes = field(default=b"", repr=False)
+    mask_blur: int = 0
+    keep_unmasked: bool = False
+    hires: HiresParams | None = None
+
+    @property
+    def has_images(self) -> bool:
+        """Whether resolving it decodes images (worth doing off the event loop)."""
+        return bool(self.init_image or self.mask_image)
 
 
 def require_range(field_name: str, value: int | float, low: int | float, high: int | float) -> None:
@@ -107,8 +122,16 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         if len(text) > limits.max_prompt_chars:
             raise InvalidArgument(name, f"must be at most {limits.max_prompt_chars} characters, got {len(text)}")
 
-    width = params.width or limits.default_width
-    height = params.height or limits.default_height
+    image_inputs.check_image_fields(
+        params.init_image, params.strength, params.mask_image, params.mask_blur, params.keep_unmasked, params.hires
+    )
+    check_image_support(params, model)
+    decoded = image_inputs.decode_inputs(params.init_image, params.mask_image, limits.input_images)
+    if decoded is not None and not params.width and not params.height:
+        width, height = image_inputs.size_of_image(decoded.image.size, limits)
+    else:
+        width = params.width or limits.default_width
+        height = params.height or limits.default_height
     steps = params.steps or limits.default_steps
     num_images = params.num_images or 1
     guidance = limits.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
@@ -138,6 +161,7 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
             f"{model.name!r} has {model.config.latent_channels} (use PREVIEW_KIND_FULL or PREVIEW_KIND_LATENT)"
         )
 
+    hires = None if params.hires is None else image_inputs.hires_spec(params.hires, width, height, steps, limits)
     if preview_kind is PreviewKind.LATENT and model.pipeline.safety is not None:
         raise FailedPrecondition(
             "preview.kind: this server filters images with a safety checker, and raw latents would bypass it; "
@@ -151,8 +175,15 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
             raise FailedPrecondition(
                 "cache_interval: step caching does not run ControlNets; use cache_interval 1 with control"
             )
-        control = resolve_control(params.control, model.controlnets, model.name, width, height)
+        if params.init_image or params.mask_image or hires is not None:
+            raise FailedPrecondition(
+                "control: a ControlNet runs with text to image only, not yet with init_image, mask_image or hires"
+            )
+        control = resolve_control(params.control, model.controlnets, model.name, width, height, limits.input_images)
     scheduler = model.schedulers.resolve(params.scheduler)
+    init = None
+    if decoded is not None:
+        init = image_inputs.image_input(decoded, width, height, params.strength, params.mask_blur, params.keep_unmasked)
     seed = params.seed if params.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
     return GenerationRequest(
         request_id=request_id,
@@ -169,10 +200,27 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         output_format=params.output_format,
         quality=quality,
         preview=PreviewSpec(preview_kind, preview_every, params.preview.max_size),
+        init=init,
+        hires=hires,
         cache_interval=cache_interval,
         cache_depth=cache_depth,
         control=control,
     )
+
+
+def check_image_support(params: GenerationParams, model: LoadedModel) -> None:
+    """FailedPrecondition when the model cannot take the request's image inputs (see ``ImageSupport``)."""
+    support = model.image_support
+    needs_encoder = []
+    if params.init_image:
+        needs_encoder.append("init_image")
+    if params.hires is not None and params.hires.upscaler is Upscaler.LANCZOS:
+        needs_encoder.append("hires.upscaler UPSCALER_LANCZOS")
+    if needs_encoder and not support.img2img:
+        raise FailedPrecondition(
+            f"{needs_encoder[0]}: model {model.name!r} has no VAE encoder (its export left out vae_encoder/), "
+            "which image inputs need; re-export it with the encoder"
+        )
 
 
 def step_cache_depths(model: LoadedModel) -> tuple[int, ...]:

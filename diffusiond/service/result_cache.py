@@ -36,6 +36,8 @@ def result_key(request: GenerationRequest, model: LoadedModel) -> ResultKey:
         request.output_format.value, request.quality, request.cache_interval,
         request.cache_depth if request.caches_steps else 0,
         None if request.control is None else request.control.key(),
+        request.init,  # strength, mask options and the digest of the image bytes (not the pixels)
+        request.hires,
     )
 
 
@@ -46,7 +48,10 @@ class CachedResult:
 
     @classmethod
     def of(cls, result: EncodedResult) -> CachedResult:
-        return cls(result, result.size_bytes + ENTRY_OVERHEAD_BYTES)
+        """The entry for ``result``, without its request's decoded input images: ``answer`` puts the asking
+        request in their place, and the byte bound counts only the encoded images."""
+        stripped = replace(result, request=replace(result.request, init=None))
+        return cls(stripped, result.size_bytes + ENTRY_OVERHEAD_BYTES)
 
     def answer(self, request: GenerationRequest) -> EncodedResult:
         """The cached images as the answer to ``request``: its id, zero timings, marked as from the cache."""

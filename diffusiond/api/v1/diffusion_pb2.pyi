@@ -27,6 +27,12 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_FLOAT32: _ClassVar[DataType]
     DATA_TYPE_FLOAT16: _ClassVar[DataType]
     DATA_TYPE_BFLOAT16: _ClassVar[DataType]
+
+class Upscaler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPSCALER_UNSPECIFIED: _ClassVar[Upscaler]
+    UPSCALER_LATENT_BICUBIC: _ClassVar[Upscaler]
+    UPSCALER_LANCZOS: _ClassVar[Upscaler]
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
@@ -39,6 +45,9 @@ DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
 DATA_TYPE_BFLOAT16: DataType
+UPSCALER_UNSPECIFIED: Upscaler
+UPSCALER_LATENT_BICUBIC: Upscaler
+UPSCALER_LANCZOS: Upscaler
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -49,6 +58,22 @@ class Tensor(_message.Message):
     dtype: DataType
     data: bytes
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class HiresOptions(_message.Message):
+    __slots__ = ("scale", "width", "height", "steps", "strength", "upscaler")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    UPSCALER_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    width: int
+    height: int
+    steps: int
+    strength: float
+    upscaler: Upscaler
+    def __init__(self, scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., strength: _Optional[float] = ..., upscaler: _Optional[_Union[Upscaler, str]] = ...) -> None: ...
 
 class PreviewOptions(_message.Message):
     __slots__ = ("kind", "every_n_steps", "max_size")
@@ -61,7 +86,7 @@ class PreviewOptions(_message.Message):
     def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., every_n_steps: _Optional[int] = ..., max_size: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "cache_interval", "cache_depth", "control")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "init_image", "strength", "mask_image", "mask_blur", "keep_unmasked", "hires", "cache_interval", "cache_depth", "control")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +101,12 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_BLUR_FIELD_NUMBER: _ClassVar[int]
+    KEEP_UNMASKED_FIELD_NUMBER: _ClassVar[int]
+    HIRES_FIELD_NUMBER: _ClassVar[int]
     CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FIELD_NUMBER: _ClassVar[int]
@@ -93,10 +124,16 @@ class GenerateRequest(_message.Message):
     output_format: ImageFormat
     quality: int
     preview: PreviewOptions
+    init_image: bytes
+    strength: float
+    mask_image: bytes
+    mask_blur: int
+    keep_unmasked: bool
+    hires: HiresOptions
     cache_interval: int
     cache_depth: int
     control: ControlOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ..., control: _Optional[_Union[ControlOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., keep_unmasked: _Optional[bool] = ..., hires: _Optional[_Union[HiresOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ..., control: _Optional[_Union[ControlOptions, _Mapping]] = ...) -> None: ...
 
 class ControlOptions(_message.Message):
     __slots__ = ("controlnet", "image", "canny_from", "canny_low", "canny_high", "scale", "guidance_start", "guidance_end")
@@ -137,18 +174,20 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., filtered: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "text_encode_s", "denoise_s", "decode_s", "total_s")
+    __slots__ = ("queue_s", "text_encode_s", "denoise_s", "decode_s", "total_s", "image_encode_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODE_S_FIELD_NUMBER: _ClassVar[int]
     DENOISE_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ENCODE_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     text_encode_s: float
     denoise_s: float
     decode_s: float
     total_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., text_encode_s: _Optional[float] = ..., denoise_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+    image_encode_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., text_encode_s: _Optional[float] = ..., denoise_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ..., image_encode_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "images", "seed", "model", "backend", "scheduler", "steps", "guidance_scale", "timings", "warnings", "from_cache")
@@ -237,7 +276,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "step_cache_depths", "default_cache_interval", "default_cache_depth", "controlnets")
+    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth", "controlnets")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +296,7 @@ class ModelInfo(_message.Message):
     LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     LATENT_SCALING_FACTOR_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INPUTS_FIELD_NUMBER: _ClassVar[int]
     STEP_CACHE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -280,11 +320,12 @@ class ModelInfo(_message.Message):
     latent_channels: int
     latent_scaling_factor: float
     is_default: bool
+    image_inputs: ImageInputSupport
     step_cache_depths: _containers.RepeatedScalarFieldContainer[int]
     default_cache_interval: int
     default_cache_depth: int
     controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetInfo]
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
 
 class ControlNetInfo(_message.Message):
     __slots__ = ("name", "conditioning")
@@ -293,6 +334,22 @@ class ControlNetInfo(_message.Message):
     name: str
     conditioning: str
     def __init__(self, name: _Optional[str] = ..., conditioning: _Optional[str] = ...) -> None: ...
+
+class ImageInputSupport(_message.Message):
+    __slots__ = ("img2img", "inpainting", "inpainting_method", "hires", "max_image_bytes", "max_image_pixels")
+    IMG2IMG_FIELD_NUMBER: _ClassVar[int]
+    INPAINTING_FIELD_NUMBER: _ClassVar[int]
+    INPAINTING_METHOD_FIELD_NUMBER: _ClassVar[int]
+    HIRES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    img2img: bool
+    inpainting: bool
+    inpainting_method: str
+    hires: bool
+    max_image_bytes: int
+    max_image_pixels: int
+    def __init__(self, img2img: _Optional[bool] = ..., inpainting: _Optional[bool] = ..., inpainting_method: _Optional[str] = ..., hires: _Optional[bool] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

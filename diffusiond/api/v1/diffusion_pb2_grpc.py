@@ -26,16 +26,19 @@ if _version_not_supported:
 
 
 class DiffusionStub:
-    """Text-to-image generation.
+    """Text-to-image generation, optionally from an init image (img2img), with a
+    mask (inpainting) and with a second, larger pass (hi-res fix).
 
     Errors are reported with standard gRPC status codes:
-    INVALID_ARGUMENT    a field is out of range; the message names the field
-    and the allowed range.
+    INVALID_ARGUMENT    a field is out of range, or an input image is too
+    large, not PNG/JPEG/WebP, or corrupt; the message
+    names the field and the allowed range or limit.
     NOT_FOUND           unknown model or scheduler.
     RESOURCE_EXHAUSTED  the request queue is full, or the request does not fit
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
     (e.g. a preview kind its latents do not support, or
+    image inputs on an export without a VAE encoder, or
     latent previews on a server that filters content).
     UNAUTHENTICATED     the server requires a bearer token (authorization
     metadata) and the call has none, or an unknown one.
@@ -68,16 +71,19 @@ class DiffusionStub:
 
 
 class DiffusionServicer:
-    """Text-to-image generation.
+    """Text-to-image generation, optionally from an init image (img2img), with a
+    mask (inpainting) and with a second, larger pass (hi-res fix).
 
     Errors are reported with standard gRPC status codes:
-    INVALID_ARGUMENT    a field is out of range; the message names the field
-    and the allowed range.
+    INVALID_ARGUMENT    a field is out of range, or an input image is too
+    large, not PNG/JPEG/WebP, or corrupt; the message
+    names the field and the allowed range or limit.
     NOT_FOUND           unknown model or scheduler.
     RESOURCE_EXHAUSTED  the request queue is full, or the request does not fit
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
     (e.g. a preview kind its latents do not support, or
+    image inputs on an export without a VAE encoder, or
     latent previews on a server that filters content).
     UNAUTHENTICATED     the server requires a bearer token (authorization
     metadata) and the call has none, or an unknown one.
@@ -136,16 +142,19 @@ def add_DiffusionServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Diffusion:
-    """Text-to-image generation.
+    """Text-to-image generation, optionally from an init image (img2img), with a
+    mask (inpainting) and with a second, larger pass (hi-res fix).
 
     Errors are reported with standard gRPC status codes:
-    INVALID_ARGUMENT    a field is out of range; the message names the field
-    and the allowed range.
+    INVALID_ARGUMENT    a field is out of range, or an input image is too
+    large, not PNG/JPEG/WebP, or corrupt; the message
+    names the field and the allowed range or limit.
     NOT_FOUND           unknown model or scheduler.
     RESOURCE_EXHAUSTED  the request queue is full, or the request does not fit
     in device memory.
     FAILED_PRECONDITION the model cannot serve this request on this machine
     (e.g. a preview kind its latents do not support, or
+    image inputs on an export without a VAE encoder, or
     latent previews on a server that filters content).
     UNAUTHENTICATED     the server requires a bearer token (authorization
     metadata) and the call has none, or an unknown one.
