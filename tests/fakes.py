@@ -70,9 +70,9 @@ class WordTokenizer:
 class UNetCall:
     rows: int
     timesteps: list[float]
+    size: tuple[int, int] = (0, 0)  # latent height, width
     controlnet: str = ""  # the ControlNet the call ran ("" none)
     control_scales: list[float] | None = None
-    size: tuple[int, int] = (0, 0)  # latent height, width
 
 
 class ScriptedBackend:

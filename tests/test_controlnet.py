@@ -233,3 +233,16 @@ def test_wire_and_cli_carry_the_control_options(tmp_path):
     bare = build_parser().parse_args(["generate", "a red circle", "--control-scale", "0.5"])
     with pytest.raises(ValueError, match="--control-image or --canny-from"):
         _control(bare)
+
+
+def test_canny_finds_colour_edges_and_honours_its_thresholds():
+    scene = dataset.Scene("red", "blue", "square", "large", "center")  # about equally bright: a grey canny misses it
+    image = dataset.render(scene, dataset.Placement(32.0, 32.0, 24.0))
+    edges = canny(image)
+    assert edges.shape == (64, 64, 3) and edges.dtype == np.uint8 and set(np.unique(edges)) <= {0, 255}
+    rows, cols = np.nonzero(edges[:, :, 0])
+    assert 19 <= rows.min() <= 21 and 43 <= rows.max() <= 45 and 19 <= cols.min() <= 21  # the square's outline
+    assert not edges[25:39, 25:39].any() and not edges[:15].any()  # nothing inside it or on the plain background
+    assert not canny(image, 1400, 1442).any()  # above every gradient: no edges
+    with pytest.raises(ValueError, match="low <= high"):
+        canny(image, 200, 100)
