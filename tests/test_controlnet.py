@@ -246,3 +246,19 @@ def test_canny_finds_colour_edges_and_honours_its_thresholds():
     assert not canny(image, 1400, 1442).any()  # above every gradient: no edges
     with pytest.raises(ValueError, match="low <= high"):
         canny(image, 200, 100)
+
+
+def test_controlnet_training_is_seeded_and_resumes_exactly(builtin_dir, tmp_path):
+    from diffusiond.training.train_controlnet import ControlRecipe, ControlTrainer
+
+    recipe = ControlRecipe(steps=2, batch=2, pool_size=8, warmup_steps=1)
+    straight = ControlTrainer(recipe, builtin_dir, tmp_path / "a", None, progress=False)
+    assert straight.run()
+    first = ControlTrainer(replace(recipe), builtin_dir, tmp_path / "b", budget_s=0.0, progress=False)
+    assert not first.run() and first.step == 1  # out of budget after one step, checkpointed
+    resumed = ControlTrainer(recipe, builtin_dir, tmp_path / "b", None, progress=False)
+    assert resumed.step == 1 and resumed.run()
+    for (name, a), b in zip(straight.controlnet.state_dict().items(), resumed.controlnet.state_dict().values()):
+        assert torch.equal(a, b), name
+    resumed.export(tmp_path / "out", "test")
+    assert (tmp_path / "out" / "diffusiond_control.json").is_file()

@@ -6,7 +6,9 @@
 The ControlNet starts as a copy of the base UNet's encoder (diffusers'
 ``ControlNetModel.from_unet``) with zero-initialised output convolutions, so at
 step 0 it changes nothing and training only has to learn how the edges move
-the denoiser. The UNet, text encoder and autoencoder stay frozen. Each step
+the denoiser. The UNet, text encoder and autoencoder stay frozen, and by
+default so does the copied encoder: only the conditioning embedding and the
+zero convolutions learn (see ``ControlRecipe``; BENCHMARKS.md says why). Each step
 draws fresh training scenes, renders them, and conditions on
 ``diffusiond.models.canny.canny`` of the rendered image (the same function the
 server applies to ``canny_from`` images). Captions are dropped a fraction of
@@ -48,10 +50,10 @@ CONTROL_CONFIG = "diffusiond_control.json"  # read by the server: what the contr
 @dataclass(frozen=True)
 class ControlRecipe:
     seed: int = 0
-    steps: int = 4000
-    batch: int = 32
+    steps: int = 1000
+    batch: int = 16
     pool_size: int = 1024  # scenes drawn, encoded and edge-mapped once (the denoiser, not the data, is the cost)
-    lr: float = 3e-4
+    lr: float = 5e-3
     warmup_steps: int = 30
     final_lr_fraction: float = 0.1
     caption_dropout: float = 0.3
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="stop after this many minutes of this run and write --out from what was learnt")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared CPU, more threads wait on each other)")
     parser.add_argument("--export-now", action="store_true", help="write --out from the checkpoint, without training")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
