@@ -55,6 +55,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, backends: dict | None =
         help="a diffusers-format model directory (repeatable; the first is the default). "
         "Default: the built-in model, created on first start.",
     )
+    parser.add_argument(
+        "--controlnet", action="append", default=None, metavar="[MODEL:]NAME=DIR",
+        help="attach a diffusers-format ControlNet directory to a model (default: the first) under NAME "
+        "(repeatable); DIR 'builtin' is the shipped canny ControlNet of the built-in model, which that model "
+        "gets as 'canny' by itself when no --controlnet names it",
+    )
     choices = add_backend_choice(parser, backends, "inference backend")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
@@ -180,6 +186,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from diffusiond.server.auth import ENV_VAR as AUTH_TOKENS_ENV
     from diffusiond.server.limits import ClientLimitSettings
     from diffusiond.service.batcher import BatcherSettings
+    from diffusiond.service.control import ControlNetSource
 
     if args.threads > 0:
         import torch
@@ -228,6 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
             cache_depth=args.cache_depth,
             lora_dir=args.lora_dir,
             lora_cache_bytes=int(args.lora_cache_mb * MIB),
+            controlnets=[ControlNetSource.parse(c) for c in (args.controlnet or [])],
         )
     except (ValueError, DiffusiondError) as exc:  # a flag out of range
         log.error("cannot serve: %s", exc)
@@ -333,6 +341,11 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser, target: str = "on
     parser.add_argument("--step-cache-depth", type=int, default=1,
                         help="export the UNet's deep features at this depth and its shallow blocks as unet_shallow, "
                         "for step caching on ONNX Runtime (0: neither)")
+    if not openvino:
+        parser.add_argument("--controlnet", default="", metavar="[NAME=]DIR",
+                            help="also export this diffusers-format ControlNet (as controlnet/, with the UNet that "
+                            "takes its residuals as unet_controlled/), served under NAME (default: the directory's "
+                            "name; DIR 'builtin': the built-in model's canny ControlNet)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     cal = parser.add_argument_group("int8 calibration (NVIDIA's recipe by default: 32 prompts, 20 steps)")
     cal.add_argument("--calibration-prompts", default="", metavar="FILE",
@@ -407,8 +420,15 @@ def export_options_from_args(args: argparse.Namespace):
     from diffusiond.service.adapters import resolve_lora_dir
 
     lora_dir = resolve_lora_dir(args.lora_dir) if args.lora_dir else None
+    controlnet_name, _, controlnet = getattr(args, "controlnet", "").rpartition("=")
+    if controlnet == "builtin":
+        from diffusiond.service.control import BUILTIN_CONTROLNET_DIR, BUILTIN_CONTROLNET_NAME
+
+        controlnet, controlnet_name = str(BUILTIN_CONTROLNET_DIR), controlnet_name or BUILTIN_CONTROLNET_NAME
     return ExportOptions(
         loras=tuple(parse_adapter_spec(text, lora_dir) for text in args.lora),
+        controlnet=controlnet,
+        controlnet_name=controlnet_name,
         precision=args.precision,
         opset=args.opset,
         profile=export_profile_from_args(args),
@@ -495,6 +515,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser, backends: dict | None = 
     parser.add_argument("--cache-interval", type=int, default=1,
                         help="step caching: the full UNet every N steps (1: off, exact)")
     parser.add_argument("--cache-depth", type=int, default=1, help="up blocks a step-cached pass runs")
+    parser.add_argument("--controlnet", default="", help="condition every prompt on the canny edges of its scene "
+                        "with this attached ControlNet (the built-in model's: canny)")
+    parser.add_argument("--control-scale", type=float, default=1.0, help="with --controlnet: conditioning scale")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: all cores)")
     parser.add_argument("--clip-model", default="", metavar="DIR",
                         help="a local CLIP model directory: also report CLIP score")
@@ -528,6 +551,7 @@ def run_eval(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size, clip_model=args.clip_model,
         save_images=args.save_images, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
         fid=args.fid, inception_weights=args.inception_weights, reference=args.reference,
+        controlnet=args.controlnet, control_scale=args.control_scale,
     )
 
     bar = Progress("prompts")

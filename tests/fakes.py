@@ -71,6 +71,8 @@ class UNetCall:
     rows: int
     timesteps: list[float]
     size: tuple[int, int] = (0, 0)  # latent height, width
+    controlnet: str = ""  # the ControlNet the call ran ("" none)
+    control_scales: list[float] | None = None
 
 
 class ScriptedBackend:
@@ -104,6 +106,20 @@ class ScriptedBackend:
         context = encoder_hidden_states.mean(dim=(1, 2))[:, None, None, None]
         t = timestep.float()[:, None, None, None]
         return 0.3 * sample + 0.2 * torch.cos(t / 300.0) + context
+
+    # ControlNets: a scripted one adds (mean of its control image) x scale to each row's output.
+    def attach_controlnet(self, name, path) -> None:
+        self.controlnets = (*getattr(self, "controlnets", ()), name)
+
+    def controlnet_names(self) -> tuple[str, ...]:
+        return tuple(getattr(self, "controlnets", ()))
+
+    def unet_controlled(self, sample, timestep, encoder_hidden_states, control) -> torch.Tensor:
+        out = self.unet(sample, timestep, encoder_hidden_states)
+        with self._lock:
+            self.calls[-1].controlnet = control.name
+            self.calls[-1].control_scales = [float(s) for s in control.scale]
+        return out + control.image.mean(dim=(1, 2, 3))[:, None, None, None] * control.scale[:, None, None, None]
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self._lock:

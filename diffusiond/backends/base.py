@@ -178,6 +178,51 @@ class HoldsFusedAdapters(Protocol):
 
 
 @dataclass(frozen=True)
+class ControlRows:
+    """A ControlNet's inputs for the rows of one UNet call; sliced by rows like the other inputs.
+
+    Every row has its own control image and its own conditioning scale (0 for
+    a row outside its request's guidance window), so requests with the same
+    ControlNet share one call whatever their images, scales and windows.
+    """
+
+    name: str  # the ControlNet, as attached
+    image: torch.Tensor  # [B, 3, H, W] float32 in [0, 1], the image's own size (8x the latents')
+    scale: torch.Tensor  # [B] float32: the residuals of row i are multiplied by scale[i]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.image.shape
+
+    def __getitem__(self, rows: slice) -> ControlRows:
+        return ControlRows(self.name, self.image[rows], self.scale[rows])
+
+
+@runtime_checkable
+class RunsControlNets(Protocol):
+    """A backend that can run ControlNets beside its UNet (diffusers' ``ControlNetModel`` semantics)."""
+
+    def attach_controlnet(self, name: str, path: Path) -> None:
+        """Load the ControlNet at ``path`` under ``name``; FailedPrecondition when it cannot steer this UNet."""
+        ...
+
+    def controlnet_names(self) -> tuple[str, ...]:
+        """The attached ControlNets, by name."""
+        ...
+
+    def unet_controlled(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | CrossAttentionKV,
+        control: ControlRows,
+    ) -> torch.Tensor:
+        """``unet`` with the named ControlNet's residuals (times each row's scale) added to its skip
+        connections and middle block."""
+        ...
+
+
+@dataclass(frozen=True)
 class BackendPlugin:
     """What one backend file declares (as its module-level ``PLUGIN``) to be served and configured.
 

@@ -20,7 +20,10 @@ and hands both to ``GraphBackend``, which does the rest once for every runtime:
 - warms up by running every network at its profile's optimal shapes;
 - caches steps where the export carries the step-caching pair (a UNet that
   also returns its deep features, and ``unet_shallow``) and the runtime can
-  return both UNet outputs of one run.
+  return both UNet outputs of one run;
+- runs the export's ControlNet where it carries the pair ``controlnet`` (the
+  residuals, each row times its own scale) and ``unet_controlled`` (the UNet
+  that adds them), under the name its manifest records.
 """
 
 from __future__ import annotations
@@ -34,17 +37,20 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from diffusiond.backends.base import AdapterSet, BackendSettings, translate_out_of_memory
+from diffusiond.backends.base import AdapterSet, BackendSettings, ControlRows, translate_out_of_memory
 from diffusiond.errors import FailedPrecondition
 from diffusiond.models.descriptors import (
+    CONTROLNET,
     REQUIRED_COMPONENTS,
     TEXT_ENCODER,
     UNET,
+    UNET_CONTROLLED,
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
     NetworkDescriptor,
     ShapeProfile,
+    controlnet_name_of,
 )
 
 log = logging.getLogger(__name__)
@@ -164,6 +170,9 @@ class GraphBackend:
             preferred = (descriptor.output_names[0], *ALTERNATIVE_OUTPUTS.get(component, ()))
             self._outputs[component] = next((n for n in preferred if n in graph.outputs), graph.outputs[0])
         self._timestep_form = timestep_form(self.graphs[UNET].inputs["timestep"])
+        controlled = CONTROLNET in self.graphs and UNET_CONTROLLED in self.graphs
+        controlled = controlled and isinstance(self.graphs[CONTROLNET], MultiOutputGraph)
+        self._controlnet = controlnet_name_of(artifact.directory) if controlled else ""
 
     @property
     def fused_adapters(self) -> AdapterSet:
@@ -236,6 +245,30 @@ class GraphBackend:
             outs = graph.run_all(cast)  # type: ignore[attr-defined]
         out, features = outs[self._outputs[UNET]], outs["deep_features"]
         return out.to(self._device, torch.float32).contiguous(), features.to(self._device, torch.float32).contiguous()
+
+    def attach_controlnet(self, name: str, path: Path) -> None:
+        raise FailedPrecondition(
+            f"ControlNet {name!r}: an {self.artifact.kind} runs the ControlNet exported with it "
+            f"({self._controlnet or 'none'}); export one with `diffusiond export onnx --controlnet NAME=DIR`"
+        )
+
+    def controlnet_names(self) -> tuple[str, ...]:
+        return (self._controlnet,) if self._controlnet else ()
+
+    def unet_controlled(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, control: ControlRows
+    ) -> torch.Tensor:
+        if control.name != self._controlnet:
+            raise FailedPrecondition(f"this {self.artifact.kind} carries no ControlNet named {control.name!r}")
+        if self._timestep_form is not TimestepForm.ROWS:
+            raise FailedPrecondition(f"this {self.artifact.kind}'s UNet takes one timestep per call, not per row")
+        feeds = {"sample": sample, "timestep": timestep.reshape(-1), "encoder_hidden_states": encoder_hidden_states}
+        graph = self.graphs[CONTROLNET]
+        with translate_out_of_memory(CONTROLNET, self.is_runtime_out_of_memory):
+            control_feeds = {**feeds, "controlnet_cond": control.image, "conditioning_scale": control.scale}
+            cast = {name: self._cast(graph.inputs[name], value) for name, value in control_feeds.items()}
+            residuals = graph.run_all(cast)  # type: ignore[attr-defined]
+        return self._run(UNET_CONTROLLED, {**feeds, **residuals})
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run(VAE_DECODER, {"latent_sample": latents})

@@ -36,6 +36,7 @@ from diffusiond.errors import FailedPrecondition, InvalidArgument, MissingDepend
 from diffusiond.models.config import load_model_config
 from diffusiond.models.descriptors import (
     COMPONENTS,
+    CONTROL_COMPONENTS,
     REQUIRED_COMPONENTS,
     UNET,
     NetworkDescriptor,
@@ -197,7 +198,7 @@ class OnnxRuntimeBackend(GraphBackend):
         level = graph_optimization_level(ort, opts.graph_optimization)
         precision_hint = manifest.precision if manifest is not None else ""
         graphs: dict[str, OrtGraph] = {}
-        for component in COMPONENTS:
+        for component in (*COMPONENTS, *CONTROL_COMPONENTS):
             path = model_dir / component / MODEL_FILE
             if path.is_file() and component in descriptors:
                 providers = self._providers(component, descriptors[component], profile, precision_hint, model_dir,

@@ -33,7 +33,7 @@ from diffusiond.backends import graph
 from diffusiond.backends.base import BackendPlugin, BackendSettings, resolve_device
 from diffusiond.backends.graph import Artifact, GraphBackend, GraphInput, check_artifact
 from diffusiond.errors import FailedPrecondition
-from diffusiond.models.descriptors import COMPONENTS, descriptors_for
+from diffusiond.models.descriptors import COMPONENTS, CONTROL_COMPONENTS, descriptors_for
 from diffusiond.models.manifest import fused_adapter_set
 from diffusiond.models.tensorrt_artifact import (
     EngineManifest,
@@ -168,6 +168,12 @@ class EngineGraph:
         pieces = [self._run(piece)[output] for piece in split_rows(feeds, self.batched, self.max_rows)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    def run_all(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every output for ``feeds`` (the ControlNet's residuals), pieces concatenated as in ``run``."""
+        pieces = [self._run(piece) for piece in split_rows(feeds, self.batched, self.max_rows)]
+        return {name: pieces[0][name] if len(pieces) == 1 else torch.cat([p[name] for p in pieces])
+                for name in self.outputs}
+
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
@@ -202,7 +208,8 @@ class TensorRTBackend(GraphBackend):
         machine = MachineInfo.current(str(device))
         problems, notes = compatibility_problems(manifest, machine)
         problems += missing_engines(model_dir, manifest)
-        problems += [f"lists an unknown network {c} in its manifest" for c in manifest.components if c not in COMPONENTS]
+        problems += [f"lists an unknown network {c} in its manifest" for c in manifest.components
+                     if c not in (*COMPONENTS, *CONTROL_COMPONENTS)]
         artifact = Artifact(model_dir, "TensorRT artifact", manifest.precision, manifest.model_sha256,
                             manifest.shape_profile, tuple(problems),
                             adapters=fused_adapter_set(manifest.source.get("adapters", [])))

@@ -19,6 +19,7 @@ from diffusiond.backends.base import (
     DTYPES,
     BackendPlugin,
     BackendSettings,
+    ControlRows,
     CrossAttentionKV,
     resolve_device,
     translate_out_of_memory,
@@ -74,6 +75,7 @@ class TorchEagerBackend:
         self._kv_layers = torch_attention.install(self._unet)
         self._split_depths = tuple(d for d in range(1, len(self._unet.up_blocks)) if _splittable(self._unet, d))
         self._lora: LoraPatcher | None = None  # made on first use, after any subclass has rearranged the UNet
+        self._controlnets: dict[str, torch.nn.Module] = {}
 
     @property
     def device(self) -> torch.device:
@@ -128,6 +130,40 @@ class TorchEagerBackend:
     def set_adapters(self, key: Hashable, adapters: Sequence[tuple[LoadedAdapter, float]]) -> None:
         self._patcher.apply(key, adapters)
 
+    def attach_controlnet(self, name: str, path: Path) -> None:
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_pretrained(path, torch_dtype=self._dtype)
+        check_controlnet_fits(controlnet.config, self._unet.config, name, path)
+        self._controlnets[name] = controlnet.to(self._device).eval().requires_grad_(False)
+
+    def controlnet_names(self) -> tuple[str, ...]:
+        return tuple(self._controlnets)
+
+    @torch.inference_mode()
+    @translate_out_of_memory("unet")
+    def unet_controlled(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | CrossAttentionKV,
+        control: ControlRows,
+    ) -> torch.Tensor:
+        context, attention = self._context(encoder_hidden_states)
+        sample = sample.to(self._dtype)
+        # The ControlNet's own attention layers take the plain encoding (the cached keys are the UNet's).
+        down, mid = self._controlnets[control.name](
+            sample, timestep, encoder_hidden_states=context, controlnet_cond=control.image.to(self._device, self._dtype),
+            conditioning_scale=1.0, return_dict=False,
+        )
+        scale = control.scale.to(self._device, self._dtype).view(-1, 1, 1, 1)
+        out = self._unet(
+            sample, timestep, encoder_hidden_states=context, cross_attention_kwargs=attention,
+            down_block_additional_residuals=[d * scale for d in down], mid_block_additional_residual=mid * scale,
+            return_dict=False,
+        )[0]
+        return out.float()
+
     def step_cache_depths(self) -> tuple[int, ...]:
         return self._split_depths
 
@@ -169,6 +205,18 @@ PLUGIN = BackendPlugin(
     description="diffusers-format model directories, run by PyTorch as they are",
     load=TorchEagerBackend,
 )
+
+
+def check_controlnet_fits(controlnet: dict, unet: dict, name: str, path: Path) -> None:
+    """FailedPrecondition naming the mismatch when a ControlNet's residuals cannot be added to this UNet."""
+    for key in ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim", "in_channels"):
+        mine, theirs = controlnet.get(key), unet.get(key)
+        if key == "down_block_types" or key == "block_out_channels":
+            mine, theirs = list(mine or []), list(theirs or [])
+        if mine != theirs:
+            raise FailedPrecondition(
+                f"ControlNet {name!r} ({path}) does not fit this model's UNet: its {key} is {mine}, the UNet's {theirs}"
+            )
 
 
 def _splittable(unet: torch.nn.Module, depth: int) -> bool:

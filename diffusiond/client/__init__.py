@@ -19,6 +19,7 @@ from diffusiond.client.client import (
     ProgressStream,
     auth_metadata,
     build_request,
+    control_options,
     tls_credentials,
 )
 from diffusiond.client.tensors import tensor_to_numpy
@@ -32,6 +33,7 @@ __all__ = [
     "ProgressStream",
     "auth_metadata",
     "build_request",
+    "control_options",
     "tensor_to_numpy",
     "tls_credentials",
 ]

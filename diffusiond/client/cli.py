@@ -24,6 +24,7 @@ from diffusiond.client.client import (
     DiffusionClient,
     GeneratedImage,
     build_request,
+    control_options,
     tls_credentials,
 )
 from diffusiond.client.progress import Progress
@@ -84,6 +85,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="NAME:SCALE", type=lora_arg,
                         help="apply the server's LoRA adapter NAME at SCALE (-2..2; default 1); repeatable "
                         "(`diffusiond models` lists the adapters)")
+    control = parser.add_argument_group("ControlNet")
+    source = control.add_mutually_exclusive_group()
+    source.add_argument("--control-image", default=None, metavar="FILE", help="a control image (e.g. white edges on black)")
+    source.add_argument("--canny-from", default=None, metavar="FILE",
+                        help="an image whose canny edges the server computes and uses as the control image")
+    control.add_argument("--controlnet", default="", help="ControlNet name (default: the model's first)")
+    control.add_argument("--control-scale", type=float, default=None, help="conditioning scale 0-2 (default 1.0)")
+    control.add_argument("--control-start", type=float, default=None, help="fraction of steps where it starts (default 0)")
+    control.add_argument("--control-end", type=float, default=None, help="fraction of steps where it ends (default 1)")
+    control.add_argument("--canny-low", type=float, default=None, help="with --canny-from: low threshold (default 100)")
+    control.add_argument("--canny-high", type=float, default=None, help="with --canny-from: high threshold (default 200)")
     add_connection_arguments(parser)
 
 
@@ -231,8 +243,9 @@ def run_generate(args: argparse.Namespace) -> int:
             cache_interval=args.cache_interval,
             cache_depth=args.cache_depth,
             loras=args.lora,
+            control=_control(args),
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         return _fail(str(exc), 2)
     started = time.perf_counter()
     try:
@@ -261,6 +274,17 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace) -> pb.ControlOptions | None:
+    if args.control_image is None and args.canny_from is None:
+        for flag in ("controlnet", "control_scale", "control_start", "control_end", "canny_low", "canny_high"):
+            if getattr(args, flag) not in (None, ""):
+                raise ValueError(f"--{flag.replace('_', '-')} needs --control-image or --canny-from")
+        return None
+    return control_options(
+        image=args.control_image, canny_from=args.canny_from, controlnet=args.controlnet, scale=args.control_scale,
+        guidance_start=args.control_start, guidance_end=args.control_end, canny_low=args.canny_low,
+        canny_high=args.canny_high,
+    )
 def _read(path: str | None, flag: str) -> bytes | None:
     """A file's bytes, or ValueError saying which flag named a file that cannot be read."""
     if path is None:
@@ -294,6 +318,8 @@ def run_models(args: argparse.Namespace) -> int:
                f"{m.default_cache_interval} at depth {m.default_cache_depth})\n" if m.step_cache_depths else "")
             + (f"  fused adapters: {', '.join(f'{a.name}:{a.scale:g}' for a in m.fused_adapters)}\n"
                if m.fused_adapters else "")
+            + (f"  controlnets: {', '.join(c.name + (f' ({c.conditioning})' if c.conditioning else '') for c in m.controlnets)}\n"
+               if m.controlnets else "")
         )
         for a in m.adapters:
             what = f"error: {a.error}" if a.error else (

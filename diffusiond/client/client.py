@@ -200,6 +200,7 @@ def build_request(
     cache_interval: int = 0,
     cache_depth: int = 0,
     loras: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    control: pb.ControlOptions | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; 0 / None / "" mean "the model's default".
 
@@ -237,6 +238,8 @@ def build_request(
         request.guidance_scale = guidance_scale
     if seed is not None:
         request.seed = seed
+    if control is not None:
+        request.control.CopyFrom(control)
     if init_image is not None:
         request.init_image = image_bytes(init_image, "init_image")
     if strength is not None:
@@ -252,6 +255,37 @@ def build_request(
         if hires_strength is not None:
             request.hires.strength = hires_strength
     return request
+
+
+def control_options(
+    *,
+    image: bytes | str | Path | None = None,
+    canny_from: bytes | str | Path | None = None,
+    controlnet: str = "",
+    scale: float | None = None,
+    guidance_start: float | None = None,
+    guidance_end: float | None = None,
+    canny_low: float | None = None,
+    canny_high: float | None = None,
+) -> pb.ControlOptions:
+    """ControlNet options: a control ``image`` or an image to take canny edges of (``canny_from``), as
+    bytes or a file path; None leaves a field to the server's default (scale 1, window 0..1, 100/200)."""
+    if (image is None) == (canny_from is None):
+        raise ValueError("give exactly one of image and canny_from")
+
+    def read(value: bytes | str | Path) -> bytes:
+        return value if isinstance(value, bytes) else Path(value).read_bytes()
+
+    msg = pb.ControlOptions(controlnet=controlnet)
+    if image is not None:
+        msg.image = read(image)
+    else:
+        msg.canny_from = read(canny_from)  # type: ignore[arg-type]
+    for name, value in (("scale", scale), ("guidance_start", guidance_start), ("guidance_end", guidance_end),
+                        ("canny_low", canny_low), ("canny_high", canny_high)):
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
 
 
 def tls_credentials(ca: str | Path | None = None, cert: str | Path | None = None,

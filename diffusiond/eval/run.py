@@ -23,6 +23,7 @@ import numpy as np
 from diffusiond.backends.base import BackendSettings
 from diffusiond.errors import FailedPrecondition, InvalidArgument
 from diffusiond.eval.scorer import ATTRIBUTES, Scores, read_image
+from diffusiond.service.control import ControlParams
 from diffusiond.service.models import load_model
 from diffusiond.service.resolver import GenerationParams, resolve
 from diffusiond.training import dataset
@@ -53,6 +54,10 @@ class EvalSettings:
     fid: bool = False  # also FID against ``reference`` (and Inception Score, with ``inception_weights``)
     inception_weights: str = ""  # a local TorchScript Inception-v3 (eval.fidelity); empty: the stand-in
     reference: str = ""  # a directory of reference images; empty: real renders of the same scenes
+    # A ControlNet attached to the model (the built-in model's: "canny"): prompt i is conditioned on the
+    # canny edges (computed by the server's own ``canny_from`` path) of its scene drawn with seed + i.
+    controlnet: str = ""
+    control_scale: float = 1.0
 
 
 @dataclass
@@ -141,6 +146,7 @@ def _run(settings: EvalSettings, model, scenes: list[dataset.Scene],
             request_id=f"eval-{index}", prompt=scene.caption, steps=settings.steps,
             guidance_scale=settings.guidance_scale, seed=settings.seed + index, scheduler=settings.scheduler,
             cache_interval=settings.cache_interval, cache_depth=settings.cache_depth,
+            control=_control(settings, index, scene),
         )
 
     first_request = resolve(params(0, scenes[0]), model)  # what every prompt runs with, checked once
@@ -232,6 +238,21 @@ def _fidelity(settings: EvalSettings, scenes: list[dataset.Scene], images: list[
     else:
         network = fidelity.FeatureNetwork.stand_in(ensure_builtin_model(), size)
     return fidelity.score(images, reference, network)
+
+
+def _control(settings: EvalSettings, index: int, scene: dataset.Scene) -> ControlParams | None:
+    """The scene drawn where its seeded placement puts it, sent as ``canny_from`` (None: no ControlNet)."""
+    if not settings.controlnet:
+        return None
+    import io
+    import random
+
+    from PIL import Image
+
+    target = dataset.render(scene, dataset.place(scene, random.Random(settings.seed + index)))
+    buffer = io.BytesIO()
+    Image.fromarray(target).save(buffer, format="PNG")
+    return ControlParams(controlnet=settings.controlnet, canny_from=buffer.getvalue(), scale=settings.control_scale)
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:

@@ -51,6 +51,8 @@ from diffusiond.models import latent_rgb
 from diffusiond.models.config import SERVING_DEFAULTS_FILE, load_model_config, read_json
 from diffusiond.models.descriptors import (
     COMPONENTS,
+    CONTROL_COMPONENTS,
+    CONTROLNET,
     REQUIRED_COMPONENTS,
     UNET,
     UNET_SHALLOW,
@@ -80,7 +82,9 @@ RECIPE_VERSION = 4
 DEFAULT_OPSET = 17
 SOURCE_CONFIG = {
     "text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "unet_shallow": "unet",
+    "unet_controlled": "unet",  # controlnet: the ControlNet directory's own config.json
 }
+CONTROL_CONFIG = "diffusiond_control.json"  # what the ControlNet's control image is, copied beside it
 # fp32 networks must match PyTorch to this (absolute, scaled by the output's magnitude when above 1).
 FP32_TOLERANCE = 2e-3
 
@@ -105,8 +109,19 @@ class ExportOptions:
     step_cache_depth: int = 1
     # LoRA adapters fused into the UNet's weights (``--lora NAME:SCALE``); recorded in the manifest.
     loras: tuple[AdapterSpec, ...] = ()
+    # A diffusers-format ControlNet directory, exported as ``controlnet`` (its residuals) beside
+    # ``unet_controlled`` (the UNet that adds them); the manifest records it under ``controlnet_name``.
+    controlnet: str = ""
+    controlnet_name: str = ""
 
     def __post_init__(self) -> None:
+        if self.controlnet:
+            if not self.controlnet_name:
+                object.__setattr__(self, "controlnet_name", Path(self.controlnet).name)
+            extra = tuple(c for c in CONTROL_COMPONENTS if c not in self.components)
+            object.__setattr__(self, "components", (*self.components, *extra))
+        elif any(c in CONTROL_COMPONENTS for c in self.components):
+            raise InvalidArgument("components", "the controlnet components need a ControlNet (--controlnet)")
         if not 0 <= self.step_cache_depth <= 8:
             raise InvalidArgument("step_cache_depth", f"must be between 0 and 8, got {self.step_cache_depth}")
         if not self.step_cache_depth:
@@ -117,7 +132,7 @@ class ExportOptions:
             raise InvalidArgument("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 14 <= self.opset <= 20:
             raise InvalidArgument("opset", f"must be between 14 and 20, got {self.opset}")
-        unknown = [c for c in self.components if c not in COMPONENTS]
+        unknown = [c for c in self.components if c not in (*COMPONENTS, *CONTROL_COMPONENTS)]
         missing = [c for c in REQUIRED_COMPONENTS if c not in self.components]
         if unknown or missing:
             raise InvalidArgument(
@@ -136,6 +151,8 @@ class ExportOptions:
         }
         if self.loras:
             data["loras"] = fused_adapters_record(self.loras)
+        if self.controlnet:
+            data["controlnet"] = {"name": self.controlnet_name, "sha256": hash_directory(Path(self.controlnet))[0]}
         if self.precision == "fp16":
             data["fp16"] = self.fp16.to_json()
         if self.precision == "int8":
@@ -225,7 +242,9 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
             return ExportResult(out, existing, reused=True)
     _check_replaceable(out, existing, options.force)
 
-    descriptors = sd_descriptors(dims, options.step_cache_depth)
+    if options.controlnet and not (Path(options.controlnet) / "config.json").is_file():
+        raise NotFound(f"ControlNet directory {options.controlnet} has no config.json (not a diffusers ControlNet)")
+    descriptors = sd_descriptors(dims, options.step_cache_depth, control=bool(options.controlnet))
     with staged(out) as staging:
         samples: list | None = None
         calibration_info: dict[str, Any] | None = None
@@ -262,7 +281,8 @@ def export_onnx(source: Path, out: Path, options: ExportOptions, progress: Progr
             calibration_info["quantization"] = components[UNET].notes.get("int8", {})
 
         with progress.stage("configs, tokenizer, scheduler and manifest"):
-            _copy_configs(source, staging, options.components)
+            _copy_configs(source, staging, options.components, Path(options.controlnet) if options.controlnet else None,
+                          options.controlnet_name)
             manifest = Manifest(
                 precision=options.precision,
                 opset=options.opset,
@@ -363,7 +383,8 @@ def _export_component(
 
     name = descriptor.name
     target = staging / name / onnx_io.MODEL_FILE
-    module = load_torch_network(source, name, descriptor.step_cache_depth, options.loras)
+    module = load_torch_network(source, name, descriptor.step_cache_depth, options.loras,
+                                Path(options.controlnet) if options.controlnet else None)
     notes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=staging) as tmp:
         raw = Path(tmp) / onnx_io.MODEL_FILE
@@ -467,8 +488,17 @@ def _verify(module, descriptor: NetworkDescriptor, path: Path, profile: ShapePro
     return results
 
 
-def _copy_configs(source: Path, staging: Path, components: tuple[str, ...]) -> None:
+def _copy_configs(
+    source: Path, staging: Path, components: tuple[str, ...], controlnet: Path | None = None, controlnet_name: str = ""
+) -> None:
     for name in components:
+        if name == CONTROLNET and controlnet is not None:
+            shutil.copy2(controlnet / "config.json", staging / name / "config.json")
+            source_control = controlnet / CONTROL_CONFIG
+            control = json.loads(source_control.read_text()) if source_control.is_file() else {}
+            control["name"] = controlnet_name  # the name it is served under, wherever the export goes
+            (staging / name / CONTROL_CONFIG).write_text(json.dumps(control, indent=2) + "\n")
+            continue
         shutil.copy2(source / SOURCE_CONFIG[name] / "config.json", staging / name / "config.json")
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(source / sub, staging / sub)

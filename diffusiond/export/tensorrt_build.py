@@ -54,6 +54,7 @@ from diffusiond.models import latent_rgb
 from diffusiond.models.config import load_model_config
 from diffusiond.models.descriptors import (
     COMPONENTS,
+    CONTROL_COMPONENTS,
     REQUIRED_COMPONENTS,
     UNET,
     UNET_SHALLOW,
@@ -98,9 +99,14 @@ class EngineBuildOptions:
     optimization_level: int = 3  # TensorRT's builder optimisation level, 0-5
     force: bool = False
     device: str = "cuda"
+    # Also build the ONNX export's ControlNet pair (controlnet, unet_controlled); the export must hold it.
+    controlnet: bool = False
     vae_encoder: str = "auto"  # auto: when the export has it; build: required; skip: never (no image inputs)
 
     def __post_init__(self) -> None:
+        if self.controlnet:
+            extra = tuple(c for c in CONTROL_COMPONENTS if c not in self.components)
+            object.__setattr__(self, "components", (*self.components, *extra))
         if self.vae_encoder not in VAE_ENCODER_CHOICES:
             raise InvalidArgument(
                 "vae_encoder", f"{self.vae_encoder!r} is not one of {', '.join(VAE_ENCODER_CHOICES)}"
@@ -111,7 +117,7 @@ class EngineBuildOptions:
             raise InvalidArgument("optimization_level", f"must be between 0 and 5, got {self.optimization_level}")
         if self.workspace_gib <= 0:
             raise InvalidArgument("workspace_gib", f"must be positive, got {self.workspace_gib}")
-        unknown = [c for c in self.components if c not in COMPONENTS]
+        unknown = [c for c in self.components if c not in (*COMPONENTS, *CONTROL_COMPONENTS)]
         if unknown:
             raise InvalidArgument("components", f"unknown: {', '.join(unknown)}")
         missing = [c for c in REQUIRED_COMPONENTS if c not in self.components]
@@ -188,6 +194,11 @@ def plan_engines(onnx_dir: Path, options: EngineBuildOptions) -> BuildPlan:
         if not path.is_file():
             if component in REQUIRED_COMPONENTS:
                 raise NotFound(f"{onnx_dir} has no {component}/{ONNX_FILE}: not a complete ONNX export")
+            if component in CONTROL_COMPONENTS:
+                raise NotFound(
+                    f"{onnx_dir} has no {component}/{ONNX_FILE}: a ControlNet engine was asked for, but the ONNX "
+                    "export holds none (export it with `diffusiond export onnx --controlnet NAME=DIR`)"
+                )
             if component == VAE_ENCODER and options.vae_encoder == "build":
                 raise NotFound(
                     f"{onnx_dir} has no {VAE_ENCODER}/{ONNX_FILE}, which image inputs need; export it with "
@@ -276,6 +287,9 @@ def build_engines(
                 target.parent.mkdir(parents=True)
                 target.write_bytes(engine)
                 shutil.copy2(onnx_dir / engine_plan.component / "config.json", target.parent / "config.json")
+                control_config = onnx_dir / engine_plan.component / "diffusiond_control.json"  # the ControlNet's name
+                if control_config.is_file():
+                    shutil.copy2(control_config, target.parent / control_config.name)
                 components[engine_plan.component] = {
                     "file": f"{engine_plan.component}/{ENGINE_FILE}",
                     "bytes": len(engine),

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the VAE encoder engine, which image inputs (img2img, inpainting) need: auto builds it "
                         "when the ONNX export has it, build requires it, skip leaves it out")
     parser.add_argument("--force", action="store_true", help="rebuild even when the engines are up to date")
+    parser.add_argument("--controlnet", action="store_true",
+                        help="also build the export's ControlNet (controlnet, unet_controlled; see export onnx --controlnet)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         options = EngineBuildOptions(
             precision=args.precision,
             profile=profile_from_args(args, onnx_dir),
+            controlnet=args.controlnet,
             workspace_gib=args.workspace_gb,
             optimization_level=args.optimization_level,
             force=args.force,

@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from diffusiond.backends.lora_patch import LoraPatcher
-from diffusiond.models.descriptors import TEXT_ENCODER, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
+from diffusiond.models.descriptors import (
+    CONTROLNET,
+    TEXT_ENCODER,
+    UNET,
+    UNET_CONTROLLED,
+    UNET_SHALLOW,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 from diffusiond.models.lora import AdapterSpec, inspect_file, load_adapter
 from diffusiond.models.unet_split import check_splittable, split_forward
 
@@ -59,6 +67,40 @@ class UNetShallowOutputs(torch.nn.Module):
         return split_forward(self.model, sample, timestep, encoder_hidden_states, self.depth, deep_features)[0]
 
 
+class ControlNetOutputs(torch.nn.Module):
+    """The ControlNet's residuals, each row multiplied by its own conditioning scale (requests batched
+    together keep their own scales and guidance windows)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                               controlnet_cond=controlnet_cond, conditioning_scale=1.0, return_dict=False)
+        scale = conditioning_scale.view(-1, 1, 1, 1)
+        return (*(d * scale for d in down), mid * scale)
+
+
+class UNetControlledOutputs(torch.nn.Module):
+    """The UNet with a ControlNet's residuals added to its skip connections and middle block."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        *residuals: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                          down_block_additional_residuals=list(residuals[:-1]),
+                          mid_block_additional_residual=residuals[-1], return_dict=False)[0]
+
+
 class VaeDecoderOutputs(torch.nn.Module):
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
@@ -87,10 +129,14 @@ def fuse_adapters(unet: torch.nn.Module, loras: Sequence[AdapterSpec]) -> None:
 
 
 def load_torch_network(
-    model_dir: Path, component: str, step_cache_depth: int = 0, loras: Sequence[AdapterSpec] = ()
+    model_dir: Path,
+    component: str,
+    step_cache_depth: int = 0,
+    loras: Sequence[AdapterSpec] = (),
+    controlnet_dir: Path | None = None,
 ) -> torch.nn.Module:
     """One network of a diffusers-format model, fp32, eval mode, wrapped to its descriptor's I/O; the UNet
-    with ``loras`` fused into its weights.
+    with ``loras`` fused into its weights (``controlnet``: the ControlNet in ``controlnet_dir``).
 
     Loaded one at a time so that exporting a large model holds one network in memory, not four.
     """
@@ -104,6 +150,19 @@ def load_torch_network(
         from transformers import CLIPTextModel
 
         module = TextEncoderOutputs(CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32, low_cpu_mem_usage=False))
+    elif component == CONTROLNET:
+        from diffusers import ControlNetModel
+
+        if controlnet_dir is None:
+            raise ValueError("the controlnet component needs controlnet_dir")
+        module = ControlNetOutputs(ControlNetModel.from_pretrained(controlnet_dir, torch_dtype=torch.float32, low_cpu_mem_usage=False))
+    elif component == UNET_CONTROLLED:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        if loras:
+            fuse_adapters(unet, loras)
+        module = UNetControlledOutputs(unet)
     elif component in (UNET, UNET_SHALLOW):
         from diffusers import UNet2DConditionModel
 

@@ -38,6 +38,11 @@ VAE_ENCODER = "vae_encoder"
 # Step caching: the UNet's shallow blocks alone, run on the deep features a full pass returned.
 UNET_SHALLOW = "unet_shallow"
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, UNET_SHALLOW)
+# ControlNet, exported when asked: the ControlNet alone (-> residuals, each row times its own scale) and the
+# UNet that adds them to its skip connections and middle block. Their names are in ``control_residuals``.
+CONTROLNET = "controlnet"
+UNET_CONTROLLED = "unet_controlled"
+CONTROL_COMPONENTS = (CONTROLNET, UNET_CONTROLLED)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)  # the encoder only serves image inputs
 
 
@@ -48,6 +53,8 @@ class Sample(enum.Enum):
     TIMESTEP = "timestep"  # diffusion timesteps in [0, num_train_timesteps)
     NORMAL = "normal"  # latents, hidden states
     IMAGE = "image"  # pixels in [-1, 1]
+    CONTROL = "control"  # control images in [0, 1]
+    SCALE = "scale"  # per-row conditioning scales in [0, 2]
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,10 @@ class SDDims:
     image_channels: int = 3
     # Channels of the deep features a step-caching full pass returns, by depth (index 0: depth 1).
     deep_channels: tuple[int, ...] = ()
+    # The residuals a ControlNet adds to the UNet, in diffusers' order (conv_in, then each down block's
+    # resnets and downsampler), as (channels, level): level n is the latent size halved n times; the
+    # middle block's residual comes last.
+    control_residuals: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_model_dir(cls, directory: Path) -> SDDims:
@@ -150,7 +161,28 @@ class SDDims:
             # The features entering up block n - d come out of up block n - d - 1, whose channels are
             # the down path's block d: block_out_channels[d].
             deep_channels=tuple(int(c) for c in unet.get("block_out_channels", ())[1:]),
+            control_residuals=control_residuals(unet),
         )
+
+
+def control_residuals(unet: Mapping) -> tuple[tuple[int, int], ...]:
+    """(channels, level) of each residual a ControlNet returns for a UNet with this config (see SDDims)."""
+    channels = [int(c) for c in unet.get("block_out_channels", ())]
+    if not channels:
+        return ()
+    layers = unet.get("layers_per_block", 2)
+    residuals = [(channels[0], 0)]
+    for i, width in enumerate(channels):
+        residuals += [(width, i)] * int(layers if isinstance(layers, int) else layers[i])
+        if i < len(channels) - 1:
+            residuals.append((width, i + 1))
+    residuals.append((channels[-1], len(channels) - 1))  # the middle block
+    return tuple(residuals)
+
+
+def control_residual_names(dims: SDDims) -> list[str]:
+    count = len(dims.control_residuals)
+    return [f"down_block_res_sample_{i}" for i in range(count - 1)] + ["mid_block_res_sample"]
 
 
 @dataclass(frozen=True)
@@ -187,10 +219,13 @@ class NetworkDescriptor:
             "latent_height": height // f,
             "latent_width": width // f,
         }
-        deep_height, deep_width = sizes["latent_height"], sizes["latent_width"]
-        for _ in range(self.step_cache_depth - 1):  # each down block above halves, rounding up
-            deep_height, deep_width = -(-deep_height // 2), -(-deep_width // 2)
-        return {**sizes, "deep_height": deep_height, "deep_width": deep_width}
+        levels = {}
+        level_height, level_width = sizes["latent_height"], sizes["latent_width"]
+        for level in range(max(8, self.step_cache_depth)):  # each down block halves, rounding up
+            levels[f"level{level}_height"], levels[f"level{level}_width"] = level_height, level_width
+            level_height, level_width = -(-level_height // 2), -(-level_width // 2)
+        deep = max(self.step_cache_depth - 1, 0)
+        return {**sizes, **levels, "deep_height": levels[f"level{deep}_height"], "deep_width": levels[f"level{deep}_width"]}
 
     def shape_dict(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Every input's and output's shape for one call (what buffer allocation needs)."""
@@ -224,6 +259,10 @@ class NetworkDescriptor:
                 value = rng.choice(self.dims.num_train_timesteps, size=shape, replace=False)
             elif spec.sample is Sample.IMAGE:
                 value = rng.uniform(-1.0, 1.0, size=shape)
+            elif spec.sample is Sample.CONTROL:
+                value = rng.uniform(0.0, 1.0, size=shape)
+            elif spec.sample is Sample.SCALE:
+                value = rng.uniform(0.0, 2.0, size=shape)
             else:
                 value = rng.standard_normal(size=shape)
             out[spec.name] = value.astype(spec.dtype)
@@ -243,11 +282,12 @@ class NetworkDescriptor:
         return data
 
 
-def sd_descriptors(dims: SDDims, step_cache_depth: int = 0) -> dict[str, NetworkDescriptor]:
+def sd_descriptors(dims: SDDims, step_cache_depth: int = 0, control: bool = False) -> dict[str, NetworkDescriptor]:
     """The networks of a Stable Diffusion 1.x/2.x pipeline, keyed by component name.
 
     With ``step_cache_depth`` > 0 the UNet also returns its deep features at that
-    depth, and ``unet_shallow`` (its shallow blocks alone) takes them.
+    depth, and ``unet_shallow`` (its shallow blocks alone) takes them. With
+    ``control`` the ControlNet pair is described too (``CONTROL_COMPONENTS``).
     """
     c, t, d = dims.latent_channels, dims.text_max_length, dims.text_hidden_size
     unet_inputs = (
@@ -299,12 +339,30 @@ def sd_descriptors(dims: SDDims, step_cache_depth: int = 0) -> dict[str, Network
             UNET_SHALLOW, inputs=(*unet_inputs, *deep), outputs=(out_sample,), dims=dims, rows_per_image=2,
             step_cache_depth=step_cache_depth,
         )
+    if control:
+        residuals = tuple(
+            TensorSpec(name, "float32", ("batch", channels, f"level{level}_height", f"level{level}_width"))
+            for name, (channels, level) in zip(control_residual_names(dims), dims.control_residuals)
+        )
+        descriptors[CONTROLNET] = NetworkDescriptor(
+            CONTROLNET,
+            inputs=(
+                *unet_inputs,
+                TensorSpec("controlnet_cond", "float32", ("batch", dims.image_channels, "height", "width"), Sample.CONTROL),
+                TensorSpec("conditioning_scale", "float32", ("batch",), Sample.SCALE),
+            ),
+            outputs=residuals, dims=dims, rows_per_image=2,
+        )
+        descriptors[UNET_CONTROLLED] = NetworkDescriptor(
+            UNET_CONTROLLED, inputs=(*unet_inputs, *residuals), outputs=(out_sample,), dims=dims, rows_per_image=2,
+        )
     return descriptors
 
 
 def descriptors_for(directory: Path) -> dict[str, NetworkDescriptor]:
     """The descriptors of a model or export directory (an export's manifest says its step-cache depth)."""
-    return sd_descriptors(SDDims.from_model_dir(directory), step_cache_depth_of(directory))
+    return sd_descriptors(SDDims.from_model_dir(directory), step_cache_depth_of(directory),
+                          control=(directory / CONTROLNET).is_dir())
 
 
 def step_cache_depth_of(directory: Path) -> int:
@@ -313,6 +371,14 @@ def step_cache_depth_of(directory: Path) -> int:
     if not manifest.is_file():
         return 0
     return int(read_json(manifest).get("options", {}).get("step_cache_depth", 0))
+
+
+def controlnet_name_of(directory: Path) -> str:
+    """The name an export's ControlNet is served under ("": it has none)."""
+    if not (directory / CONTROLNET).is_dir():
+        return ""
+    control = directory / CONTROLNET / "diffusiond_control.json"  # written by the ONNX export, with the name
+    return str((read_json(control) if control.is_file() else {}).get("name") or CONTROLNET)
 
 
 def describe(descriptors: Mapping[str, NetworkDescriptor]) -> str:

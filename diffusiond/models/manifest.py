@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusiond.errors import FailedPrecondition
-from diffusiond.models.descriptors import COMPONENTS, REQUIRED_COMPONENTS
+from diffusiond.models.descriptors import COMPONENTS, CONTROL_COMPONENTS, REQUIRED_COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def manifest_problems(directory: Path, manifest: Manifest) -> list[str]:
             f"lists no {', '.join(absent)} component in its manifest "
             f"(it lists {', '.join(manifest.components) or 'none'}); re-export it"
         ]
-    unknown = [c for c in manifest.components if c not in COMPONENTS]
+    unknown = [c for c in manifest.components if c not in (*COMPONENTS, *CONTROL_COMPONENTS)]
     if unknown:
         return [f"lists unknown components {', '.join(unknown)} in its manifest"]
     missing = missing_files(directory, manifest)

@@ -7,6 +7,7 @@ from the gRPC servicer, a benchmark or a test alike.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,34 @@ class PreviewSpec:
         if self.kind is PreviewKind.NONE:
             return False
         return step == total or step % max(self.every_n_steps, 1) == 0
+
+
+@dataclass(frozen=True, eq=False)
+class ControlSpec:
+    """A ControlNet's part in a request: which one, its control image, and how strongly and when it steers.
+
+    ``image`` is the control image at the request's width and height, uint8
+    [H, W, 3] (a canny map is already computed). The residuals the ControlNet
+    adds to the UNet are multiplied by ``scale`` during the steps whose
+    fraction of the schedule lies in [``guidance_start``, ``guidance_end``]
+    and by 0 outside them, as diffusers' ``control_guidance_start/end`` do.
+    """
+
+    name: str
+    image: np.ndarray
+    scale: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+    def key(self) -> tuple[object, ...]:
+        """Everything of it that decides the images (the image by its hash), for the result cache."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.image).tobytes()).hexdigest()
+        return (self.name, self.image.shape, digest, self.scale, self.guidance_start, self.guidance_end)
+
+    def scale_at(self, step_index: int, total_steps: int) -> float:
+        """The conditioning scale of 0-based step ``step_index`` (diffusers' ``controlnet_keep``)."""
+        outside = step_index / total_steps < self.guidance_start or (step_index + 1) / total_steps > self.guidance_end
+        return 0.0 if outside else self.scale
 
 
 @dataclass(frozen=True)
@@ -119,6 +148,7 @@ class GenerationRequest:
     # LoRA adapters: (name, scale) pairs sorted by name, zero scales dropped (so a scale of 0 is
     # exactly the base model); () for none. Requests with different sets never share a UNet call.
     adapters: tuple[tuple[str, float], ...] = ()
+    control: ControlSpec | None = None  # a ControlNet steers the UNet (None: none)
 
     @property
     def caches_steps(self) -> bool:
@@ -133,22 +163,30 @@ class GenerationRequest:
         """Image i uses seed + i (mod 2^64): it can be reproduced alone with that seed."""
         return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]
 
+    @property
+    def controlnet(self) -> str:
+        """The ControlNet's name, "" without one."""
+        return "" if self.control is None else self.control.name
+
     def latent_group(self) -> tuple[object, ...]:
-        """Requests with equal groups can share a UNet call: same model, latent shape and adapter set.
+        """Requests with equal groups can share a UNet call: same model, latent shape, adapter set and ControlNet.
 
         Steps, scheduler, guidance, seed and prompts may differ: every row carries
         its own timestep and every request keeps its own scheduler. Image inputs
-        travel in each request's own state, so they do not split groups either.
-        Adapters are fused into the UNet's weights, so one call runs one adapter set.
-        This is the group of the first pass: a hi-res request changes group for
-        its second pass (see ``service.batcher``).
+        travel in each request's own state, so they do not split groups either;
+        nor do the control image, scale and guidance window: they are per row.
+        Adapters are fused into the UNet's weights, so one call runs one adapter
+        set; a request without a ControlNet and one with another ControlNet run
+        other networks. This is the group of the first pass: a hi-res request
+        changes group for its second pass (see ``service.batcher``).
         """
-        return (self.model, self.width, self.height, self.adapters)
+        return (self.model, self.width, self.height, self.adapters, self.controlnet)
 
     def static_group(self) -> tuple[object, ...]:
         """What static batching (start together, finish together) also requires: the same timesteps."""
         strength = None if self.init is None else self.init.strength
-        return (self.model, self.width, self.height, self.adapters, self.steps, self.scheduler, strength, self.hires)
+        return (self.model, self.width, self.height, self.adapters, self.steps, self.scheduler, strength, self.hires,
+                self.controlnet)
 
 
 @dataclass

@@ -53,7 +53,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from diffusiond.backends.base import AdapterSet, AppliesAdapters, Backend, CachesDeepFeatures, CrossAttentionKV
+from diffusiond.backends.base import (
+    AdapterSet,
+    AppliesAdapters,
+    Backend,
+    CachesDeepFeatures,
+    ControlRows,
+    CrossAttentionKV,
+    RunsControlNets,
+)
 from diffusiond.errors import OutOfMemory, ResourceExhausted
 from diffusiond.models.config import ModelConfig
 from diffusiond.models.latent_rgb import SD_PROJECTION, LatentRGB
@@ -141,6 +149,16 @@ class RequestState:
     model_input: torch.Tensor | None = None  # the scaled latents of the step in progress
     deep: torch.Tensor | None = None  # step caching: the UNet's deep features from its latest full pass
     error: BaseException | None = None  # set when it stops early; finish raises it
+    control_image: torch.Tensor | None = None  # [k, 3, H, W] in [0, 1]: its ControlNet's image, once per image
+
+    @property
+    def controlnet(self) -> str:
+        return self.request.controlnet
+
+    def control_scale(self) -> float:
+        """The conditioning scale of the step in progress (0 outside the request's guidance window)."""
+        control = self.request.control
+        return 0.0 if control is None else control.scale_at(self.steps_done, self.total_steps)
 
     @property
     def scheduler(self) -> Any:
@@ -168,9 +186,10 @@ class RequestState:
         return self.request.num_images * (1 if self.uncond is None else 2)
 
     def latent_group(self) -> tuple[object, ...]:
-        """The request's latent group for the pass in progress (a hi-res pass changes it; its adapter set does
-        not change)."""
-        return (self.request.model, self.current.width, self.current.height, self.request.adapters)
+        """The request's latent group for the pass in progress (a hi-res pass changes it; its adapter set and
+        ControlNet do not change)."""
+        return (self.request.model, self.current.width, self.current.height, self.request.adapters,
+                self.request.controlnet)
 
     @property
     def unet_pass(self) -> UNetPass:
@@ -333,6 +352,7 @@ class Text2ImagePipeline:
                 timings=timings,
                 warnings=warnings,
                 next_pass=request.hires,
+                control_image=self._control_image(request),
             )
             if state.pass_done and state.next_pass is not None:  # a first pass of no steps (strength 0)
                 self._begin_next_pass(state, NullBatchObserver())
@@ -341,6 +361,13 @@ class Text2ImagePipeline:
             raise self._does_not_fit(request, "encoding its image inputs") from None
         observer.on_started(StartInfo(total_steps=state.total_steps))
         return state
+
+    def _control_image(self, request: GenerationRequest) -> torch.Tensor | None:
+        """The request's control image as [k, 3, H, W] floats in [0, 1] (what diffusers feeds a ControlNet)."""
+        if request.control is None:
+            return None
+        pixels = torch.from_numpy(np.array(request.control.image)).permute(2, 0, 1).float() / 255.0  # a copy: writable
+        return pixels.unsqueeze(0).expand(request.num_images, -1, -1, -1).to(self.backend.device)
 
     def _first_pass(
         self, request: GenerationRequest, generators: list[torch.Generator], timings: Timings
@@ -539,15 +566,18 @@ class Text2ImagePipeline:
         """The UNet's output rows of every state (negative prompt's rows first), None for one that does not fit.
 
         All states share one call, except that under step caching the states
-        taking a shallow pass share another (they run other blocks).
+        taking a shallow pass share another (they run other blocks), and states
+        with a ControlNet share one per ControlNet (they run another network;
+        the batcher keeps such groups apart, so this split is only a safeguard).
         """
         passes = [state.unet_pass for state in states]
         full = [p for p in passes if p.kind == FULL]
         if full:  # plain rows ride along in a full pass; its deep features are simply not kept for them
             passes = [full[0] if p.kind == PLAIN and p.depth == 0 else p for p in passes]
+        groups = [(p, state.controlnet) for p, state in zip(passes, states)]
         outputs: list[torch.Tensor | None] = [None] * len(states)
-        for unet_pass in dict.fromkeys(passes):
-            members = [i for i, p in enumerate(passes) if p == unet_pass]
+        for unet_pass, controlnet in dict.fromkeys(groups):
+            members = [i for i, g in enumerate(groups) if g == (unet_pass, controlnet)]
             results = self._run_unet([states[i] for i in members], unet_pass, latent_shape, observer)
             for i, result in zip(members, results):
                 outputs[i] = result
@@ -557,6 +587,7 @@ class Text2ImagePipeline:
         self, states: list[RequestState], unet_pass: UNetPass, latent_shape: tuple[int, ...], observer: BatchObserver
     ) -> list[torch.Tensor | None]:
         samples, contexts, timesteps, deep, spans = [], [], [], [], []
+        control_images, control_scales = [], []
         row = 0
         for state in states:
             halves = [state.cond] if state.uncond is None else [state.uncond, state.cond]
@@ -566,14 +597,26 @@ class Text2ImagePipeline:
             for context in halves:
                 samples.append(unet_input)
                 contexts.append(context)
+                if state.control_image is not None:  # diffusers steers both halves of guidance alike
+                    control_images.append(state.control_image)
             timesteps.append(torch.full((state.rows,), float(state.timestep), dtype=torch.float32))
+            control_scales.append(torch.full((state.rows,), state.control_scale(), dtype=torch.float32))
             if unet_pass.kind == SHALLOW:
                 deep.append(state.deep)
             spans.append((row, row + state.rows))
             row += state.rows
         sample = torch.cat(samples)
         inputs = [sample, torch.cat(timesteps).to(sample.device), _cat_contexts(contexts), *_cat_deep(deep)]
-        key = (latent_shape, unet_pass)
+        key = (latent_shape, unet_pass, states[0].controlnet)
+        if control_images:
+            if sum(image.shape[0] for image in control_images) != sample.shape[0]:
+                raise ValueError("states with and without a ControlNet cannot share a UNet call")
+            scales = torch.cat(control_scales)
+            if bool((scales != 0).any()):  # all rows outside their windows: the plain UNet gives the same output
+                if not isinstance(self.backend, RunsControlNets):
+                    raise RuntimeError(f"backend {self.backend.name} runs no ControlNet")  # the resolver refuses first
+                inputs.append(ControlRows(states[0].controlnet, torch.cat(control_images), scales))
+                return self._unet_rows.run(self.backend.unet_controlled, inputs, spans, key, observer)
         if unet_pass.kind == PLAIN:
             return self._unet_rows.run(self.backend.unet, inputs, spans, key, observer)
         if not isinstance(self.backend, CachesDeepFeatures):

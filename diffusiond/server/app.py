@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from diffusiond.api.v1 import diffusion_pb2_grpc as pb_grpc
 from diffusiond.backends.base import BackendSettings
-from diffusiond.errors import MissingDependency
+from diffusiond.errors import MissingDependency, NotFound
 from diffusiond.models.sources import ModelSource, resolve_model_dir
 from diffusiond.server import transport
 from diffusiond.server.auth import TokenStore
@@ -36,6 +36,7 @@ from diffusiond.server.servicer import DiffusionServicer
 from diffusiond.server.tls import TlsSettings, server_credentials
 from diffusiond.service.adapters import AdapterLibrary, resolve_lora_dir
 from diffusiond.service.batcher import Batcher, BatcherSettings
+from diffusiond.service.control import ControlNetSource
 from diffusiond.service.generation import GenerationService
 from diffusiond.service.image_decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from diffusiond.service.limits import ModelLimits
@@ -89,6 +90,7 @@ class ServerSettings:
     cache_depth: int = 1
     lora_dir: str = ""  # LoRA adapters served from this directory ("" none)
     lora_cache_bytes: int = 256 * 2**20  # converted adapters kept in memory (LRU)
+    controlnets: list[ControlNetSource] = field(default_factory=list)  # attached at load; "" model: the first
 
     def __post_init__(self) -> None:
         transport.compression_named(self.compression)  # raises ValueError naming the choices
@@ -244,7 +246,13 @@ class DiffusionServer:
     def _load_models(self) -> None:
         library = AdapterLibrary(resolve_lora_dir(self.settings.lora_dir), self.settings.lora_cache_bytes) \
             if self.settings.lora_dir else None
-        for source in self.settings.models:
+        names = [source.name for source in self.settings.models]
+        for controlnet in self.settings.controlnets:
+            if controlnet.model and controlnet.model not in names:
+                raise NotFound(f"--controlnet {controlnet.name}: no model named {controlnet.model!r} is served")
+        for index, source in enumerate(self.settings.models):
+            attached = {c.name: c.path for c in self.settings.controlnets
+                        if c.model == source.name or (not c.model and index == 0)}
             model = load_model(
                 source.name,
                 resolve_model_dir(source.location),
@@ -258,6 +266,7 @@ class DiffusionServer:
                 default_cache_depth=self.settings.cache_depth,
                 preview_decoder=_path_or_none(self.settings.preview_decoders.get(source.name, "")),
                 lora_library=library,
+                controlnets=attached or None,
             )
             if self.settings.warmup:
                 warm_up(model)

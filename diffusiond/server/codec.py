@@ -18,6 +18,7 @@ from diffusiond.backends.base import HoldsFusedAdapters
 from diffusiond.errors import InvalidArgument
 from diffusiond.pipeline.request import ImageFormat, PreviewKind, Upscaler
 from diffusiond.service.batcher import QueuedInfo
+from diffusiond.service.control import ControlParams
 from diffusiond.service.image_inputs import HiresParams
 from diffusiond.service.models import LoadedModel
 from diffusiond.service.outputs import EncodedImage, EncodedResult, StartedEvent, StepEvent
@@ -105,7 +106,28 @@ def params_from_proto(msg: pb.GenerateRequest, request_id: str | None = None) ->
         cache_interval=msg.cache_interval,
         cache_depth=msg.cache_depth,
         loras=tuple((ref.name, ref.scale) for ref in msg.loras),
+        control=control_from_proto(msg.control) if msg.HasField("control") else None,
     )
+
+
+def control_from_proto(msg: pb.ControlOptions) -> ControlParams:
+    def optional(name: str) -> float | None:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return ControlParams(
+        controlnet=msg.controlnet, image=msg.image, canny_from=msg.canny_from,
+        canny_low=optional("canny_low"), canny_high=optional("canny_high"), scale=optional("scale"),
+        guidance_start=optional("guidance_start"), guidance_end=optional("guidance_end"),
+    )
+
+
+def control_to_proto(control: ControlParams) -> pb.ControlOptions:
+    msg = pb.ControlOptions(controlnet=control.controlnet, image=control.image, canny_from=control.canny_from)
+    for name in ("canny_low", "canny_high", "scale", "guidance_start", "guidance_end"):
+        value = getattr(control, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
 
 
 def hires_from_proto(msg: pb.HiresOptions) -> HiresParams:
@@ -145,6 +167,8 @@ def params_to_proto(params: GenerationParams) -> pb.GenerateRequest:
         msg.guidance_scale = params.guidance_scale
     if params.seed is not None:
         msg.seed = params.seed
+    if params.control is not None:
+        msg.control.CopyFrom(control_to_proto(params.control))
     msg.init_image = params.init_image
     msg.mask_image = params.mask_image
     msg.mask_blur = params.mask_blur
@@ -266,6 +290,7 @@ def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
             max_image_pixels=limits.input_images.max_pixels,
         ),
         step_cache_depths=step_cache_depths(model),
+        controlnets=[pb.ControlNetInfo(name=c.name, conditioning=c.conditioning) for c in model.controlnets.values()],
         default_cache_interval=limits.default_cache_interval,
         default_cache_depth=limits.default_cache_depth,
         preview_kinds=[_PREVIEW_TO_PROTO[kind] for kind in preview_kinds(model)],

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
 
 from diffusiond.backends import registry as backends
 from diffusiond.backends.base import AppliesAdapters, Backend, BackendSettings
+from diffusiond.backends.torch_eager import TorchEagerBackend
 from diffusiond.errors import FailedPrecondition, NotFound, shown
 from diffusiond.models.config import ModelConfig, load_model_config
 from diffusiond.pipeline import tiny_decoder
@@ -21,6 +22,7 @@ from diffusiond.pipeline.schedulers import SchedulerFactory
 from diffusiond.pipeline.text import PromptEncoder
 from diffusiond.pipeline.text2img import Text2ImagePipeline
 from diffusiond.pipeline.tiny_decoder import TinyDecoder
+from diffusiond.service import control
 from diffusiond.service.adapters import AdapterLibrary, ModelAdapters
 from diffusiond.service.image_decode import ImageLimits
 from diffusiond.service.limits import ModelLimits
@@ -57,6 +59,7 @@ class LoadedModel:
     pipeline: Text2ImagePipeline
     limits: ModelLimits
     adapters: ModelAdapters | None = None  # LoRA adapters from --lora-dir, where the backend applies them
+    controlnets: dict[str, control.ControlNetInfo] = field(default_factory=dict)
 
     @property
     def schedulers(self) -> SchedulerFactory:
@@ -89,10 +92,13 @@ def load_model(
     default_cache_depth: int = 1,
     preview_decoder: Path | None = None,
     lora_library: AdapterLibrary | None = None,
+    controlnets: dict[str, Path] | None = None,
 ) -> LoadedModel:
     """Load a model directory onto a backend and wrap it in the shared pipeline (with a content filter
-    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch). TINY_DECODER previews use
-    ``preview_decoder`` when given, else the model directory's ``preview_decoder/`` where it has one."""
+    from ``safety_checker`` when given; it runs on the backend's device, in PyTorch), with ``controlnets``
+    (name -> directory) attached; the built-in model gets the shipped canny ControlNet unless named.
+    TINY_DECODER previews use ``preview_decoder`` when given, else the model directory's
+    ``preview_decoder/`` where it has one."""
     config = load_model_config(model_dir)
     if config.inpainting_unet and not config.has_vae_encoder:
         raise FailedPrecondition(
@@ -118,6 +124,14 @@ def load_model(
         default_cache_interval=default_cache_interval, default_cache_depth=default_cache_depth,
     )
     model = LoadedModel(name, str(model_dir), config, backend, pipeline, limits, adapters=adapters)
+    for controlnet_name in control.carried(backend):  # exports carry theirs
+        model.controlnets[controlnet_name] = control.carried_info(controlnet_name, model_dir)
+    attached = dict(controlnets or {})
+    if not attached and _is_builtin(model_dir) and control.BUILTIN_CONTROLNET_DIR.is_dir():
+        if isinstance(backend, TorchEagerBackend):  # other backends serve the built-in model without it
+            attached[control.BUILTIN_CONTROLNET_NAME] = control.BUILTIN_CONTROLNET_DIR
+    for controlnet_name, path in attached.items():
+        model.controlnets[controlnet_name] = control.attach(backend, controlnet_name, Path(path))
     support = model.image_support
     log.info(
         "loaded model %s from %s on %s (%s, %s); native size %d, default scheduler %s; image inputs: %s",
@@ -129,6 +143,15 @@ def load_model(
     if default_cache_interval > 1:  # the server's default must work for this model
         resolve(GenerationParams(prompt="check", request_id="startup"), model)
     return model
+
+
+def _is_builtin(model_dir: Path) -> bool:
+    from diffusiond.models.builtin import builtin_model_dir
+
+    try:
+        return model_dir.resolve() == builtin_model_dir().resolve()
+    except OSError:
+        return False
 
 
 def warm_up(model: LoadedModel) -> None:

@@ -24,6 +24,7 @@ from diffusiond.backends.base import AdapterSet, AppliesAdapters, CachesDeepFeat
 from diffusiond.errors import AdapterMismatch, FailedPrecondition, InvalidArgument, NotFound, shown
 from diffusiond.pipeline.request import GenerationRequest, ImageFormat, PreviewKind, PreviewSpec, Upscaler
 from diffusiond.service import image_inputs
+from diffusiond.service.control import ControlParams, resolve_control
 from diffusiond.service.image_inputs import HiresParams
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class GenerationParams:
     cache_interval: int = 0
     cache_depth: int = 0
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), as the client listed them
+    control: ControlParams | None = None  # a ControlNet steers the image (None: none)
     request_id: str = ""
     client: str = ""  # who asked (an auth token's name), for logs; not part of the request itself
     # Image inputs (img2img, inpainting) as encoded bytes, and a hi-res pass; see ``image_inputs``.
@@ -178,6 +180,17 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
 
     cache_interval, cache_depth = _step_cache(params, model)
     adapters = resolve_adapters(params.loras, model)
+    control = None
+    if params.control is not None:
+        if cache_interval > 1:
+            raise FailedPrecondition(
+                "cache_interval: step caching does not run ControlNets; use cache_interval 1 with control"
+            )
+        if params.init_image or params.mask_image or hires is not None:
+            raise FailedPrecondition(
+                "control: a ControlNet runs with text to image only, not yet with init_image, mask_image or hires"
+            )
+        control = resolve_control(params.control, model.controlnets, model.name, width, height, limits.input_images)
     scheduler = model.schedulers.resolve(params.scheduler)
     init = None
     if decoded is not None:
@@ -203,6 +216,7 @@ def resolve(params: GenerationParams, model: LoadedModel) -> GenerationRequest:
         cache_interval=cache_interval,
         cache_depth=cache_depth,
         adapters=adapters,
+        control=control,
     )
 
 

@@ -35,6 +35,7 @@ def result_key(request: GenerationRequest, model: LoadedModel) -> ResultKey:
         request.guidance_scale, request.seed, request.num_images, request.scheduler,
         request.output_format.value, request.quality, request.cache_interval,
         request.cache_depth if request.caches_steps else 0,
+        None if request.control is None else request.control.key(),
         request.init,  # strength, mask options and the digest of the image bytes (not the pixels)
         request.hires,
         request.adapters,

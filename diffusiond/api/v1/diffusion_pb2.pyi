@@ -88,7 +88,7 @@ class PreviewOptions(_message.Message):
     def __init__(self, kind: _Optional[_Union[PreviewKind, str]] = ..., every_n_steps: _Optional[int] = ..., max_size: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "init_image", "strength", "mask_image", "mask_blur", "keep_unmasked", "hires", "cache_interval", "cache_depth", "loras")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "scheduler", "output_format", "quality", "preview", "init_image", "strength", "mask_image", "mask_blur", "keep_unmasked", "hires", "cache_interval", "cache_depth", "loras", "control")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class GenerateRequest(_message.Message):
     CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     CACHE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -135,7 +136,8 @@ class GenerateRequest(_message.Message):
     cache_interval: int
     cache_depth: int
     loras: _containers.RepeatedCompositeFieldContainer[LoraRef]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., keep_unmasked: _Optional[bool] = ..., hires: _Optional[_Union[HiresOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ...) -> None: ...
+    control: ControlOptions
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., mask_blur: _Optional[int] = ..., keep_unmasked: _Optional[bool] = ..., hires: _Optional[_Union[HiresOptions, _Mapping]] = ..., cache_interval: _Optional[int] = ..., cache_depth: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., control: _Optional[_Union[ControlOptions, _Mapping]] = ...) -> None: ...
 
 class LoraRef(_message.Message):
     __slots__ = ("name", "scale")
@@ -144,6 +146,26 @@ class LoraRef(_message.Message):
     name: str
     scale: float
     def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
+
+class ControlOptions(_message.Message):
+    __slots__ = ("controlnet", "image", "canny_from", "canny_low", "canny_high", "scale", "guidance_start", "guidance_end")
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CANNY_FROM_FIELD_NUMBER: _ClassVar[int]
+    CANNY_LOW_FIELD_NUMBER: _ClassVar[int]
+    CANNY_HIGH_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_START_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_END_FIELD_NUMBER: _ClassVar[int]
+    controlnet: str
+    image: bytes
+    canny_from: bytes
+    canny_low: float
+    canny_high: float
+    scale: float
+    guidance_start: float
+    guidance_end: float
+    def __init__(self, controlnet: _Optional[str] = ..., image: _Optional[bytes] = ..., canny_from: _Optional[bytes] = ..., canny_low: _Optional[float] = ..., canny_high: _Optional[float] = ..., scale: _Optional[float] = ..., guidance_start: _Optional[float] = ..., guidance_end: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed", "index", "filtered")
@@ -266,7 +288,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth", "adapters", "fused_adapters", "preview_kinds")
+    __slots__ = ("name", "backend", "source", "device", "dtype", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_scheduler", "schedulers", "min_size", "max_size", "size_multiple", "max_steps", "max_images", "latent_channels", "latent_scaling_factor", "is_default", "image_inputs", "step_cache_depths", "default_cache_interval", "default_cache_depth", "adapters", "fused_adapters", "preview_kinds", "controlnets")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +315,7 @@ class ModelInfo(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     FUSED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_KINDS_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     source: str
@@ -319,7 +342,8 @@ class ModelInfo(_message.Message):
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     fused_adapters: _containers.RepeatedCompositeFieldContainer[LoraRef]
     preview_kinds: _containers.RepeatedScalarFieldContainer[PreviewKind]
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., fused_adapters: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., preview_kinds: _Optional[_Iterable[_Union[PreviewKind, str]]] = ...) -> None: ...
+    controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetInfo]
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., size_multiple: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., latent_channels: _Optional[int] = ..., latent_scaling_factor: _Optional[float] = ..., is_default: _Optional[bool] = ..., image_inputs: _Optional[_Union[ImageInputSupport, _Mapping]] = ..., step_cache_depths: _Optional[_Iterable[int]] = ..., default_cache_interval: _Optional[int] = ..., default_cache_depth: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., fused_adapters: _Optional[_Iterable[_Union[LoraRef, _Mapping]]] = ..., preview_kinds: _Optional[_Iterable[_Union[PreviewKind, str]]] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("name", "file", "format", "rank", "base_model", "layers", "size_bytes", "error")
@@ -340,6 +364,14 @@ class AdapterInfo(_message.Message):
     size_bytes: int
     error: str
     def __init__(self, name: _Optional[str] = ..., file: _Optional[str] = ..., format: _Optional[str] = ..., rank: _Optional[int] = ..., base_model: _Optional[str] = ..., layers: _Optional[int] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ControlNetInfo(_message.Message):
+    __slots__ = ("name", "conditioning")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    conditioning: str
+    def __init__(self, name: _Optional[str] = ..., conditioning: _Optional[str] = ...) -> None: ...
 
 class ImageInputSupport(_message.Message):
     __slots__ = ("img2img", "inpainting", "inpainting_method", "hires", "max_image_bytes", "max_image_pixels")
