@@ -233,10 +233,11 @@ def test_stream_errors_before_it_starts_have_a_status(gateway):
 def test_a_disconnected_stream_stops_its_denoising(gateway, backend):
     batcher = gateway.server.batcher
     before = requests_total(gateway, "http:StreamProgress", "CANCELLED")
-    stopped = threading.Event()
+    held, stopped = threading.Event(), threading.Event()
 
     def hold_until_cancelled(sample) -> None:
-        if len(backend.unet_rows) == 2:  # after two steps, wait for the client to leave
+        if len(backend.unet_rows) >= 2 and not held.is_set():  # after two steps, wait for the client to leave
+            held.set()
             if batcher.running[0].wait_cancelled(WAIT_S):
                 stopped.set()
 
