@@ -30,8 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusiond.models.lora import LoraLayer, save_adapter
+from diffusiond.training.loop import run_steps
 
 log = logging.getLogger(__name__)
 
@@ -239,41 +238,13 @@ class LoraTrainer:
 
     def run(self, budget_s: float | None = None) -> bool:
         """Train to ``steps`` (True) or until ``budget_s`` of this run is spent (False, checkpointed)."""
-        total = self.settings.steps
-        started = last_save = time.perf_counter()
         wall_before = self.wall_s
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=self.step, desc="lora", unit="step", dynamic_ncols=True,
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        try:
-            while self.step < total:
-                self.loss = self.train_step()
-                self.step += 1
-                now = time.perf_counter()
-                self.wall_s = wall_before + now - started
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{self.loss:.4f}", refresh=False)
-                if budget_s is not None and now - started >= budget_s and self.step < total:
-                    self.save_checkpoint()
-                    log.warning("time budget spent at step %d/%d; run the same command again to resume",
-                                self.step, total)
-                    return False
-                if now - last_save >= self.checkpoint_every_s:
-                    self.save_checkpoint()
-                    last_save = now
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            log.warning("interrupted at step %d; checkpoint saved, run the same command again to resume", self.step)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        self.save_checkpoint()
-        return True
+        def count_wall(elapsed_s: float) -> None:
+            self.wall_s = wall_before + elapsed_s
+
+        return run_steps(self, self.train_step, self.settings.steps, desc="lora", budget_s=budget_s,
+                         checkpoint_every_s=self.checkpoint_every_s, progress=self.progress, on_step=count_wall)
 
     def lora_layers(self) -> list[LoraLayer]:
         return [LoraLayer(name, layer.down.detach().clone(), layer.up.detach().clone(), layer.factor)

@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from diffusiond.models.builtin import builtin_model_dir
 from diffusiond.models.canny import DEFAULT_HIGH, DEFAULT_LOW, canny
 from diffusiond.training import dataset
+from diffusiond.training.loop import run_steps
 from diffusiond.training.train import Clock, alphas_cumprod, learning_rate, to_tensor
 
 log = logging.getLogger(__name__)
@@ -172,38 +172,8 @@ class ControlTrainer:
 
     def run(self) -> bool:
         """Train until ``steps`` (True) or until the budget is spent (False, checkpointed)."""
-        r = self.recipe
-        started = last_save = time.perf_counter()
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=r.steps, initial=self.step, desc="controlnet", unit="step", dynamic_ncols=True,
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        try:
-            while self.step < r.steps:
-                self.loss = self._step()
-                self.step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{self.loss:.4f}", refresh=False)
-                now = time.perf_counter()
-                if self.budget_s is not None and now - started >= self.budget_s and self.step < r.steps:
-                    self.save_checkpoint()
-                    log.warning("time budget spent at step %d/%d; run again to resume", self.step, r.steps)
-                    return False
-                if now - last_save >= self.checkpoint_every_s:
-                    self.save_checkpoint()
-                    last_save = now
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            log.warning("interrupted at step %d; checkpoint saved, run again to resume", self.step)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        self.save_checkpoint()
-        return True
+        return run_steps(self, self._step, self.recipe.steps, desc="controlnet", budget_s=self.budget_s,
+                         checkpoint_every_s=self.checkpoint_every_s, progress=self.progress)
 
     def _context(self, captions: list[str]) -> torch.Tensor:
         missing = [c for c in dict.fromkeys(captions) if c not in self._contexts]
