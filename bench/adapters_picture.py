@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+from controlnet_picture import save_sheet  # bench/, the script's own directory
 from PIL import Image
 
 from diffusiond.models.builtin import BUILTIN_ADAPTERS_DIR, builtin_model_dir
@@ -52,12 +53,7 @@ def main() -> None:
             edges = np.repeat(edges[..., None], 3, axis=2)
         rows.append(np.concatenate([base, lora, edges, controlled], axis=1))
         print(f"{scene.caption}: {COLUMNS}")
-    sheet = np.concatenate(rows, axis=0)
-    picture = Image.fromarray(sheet).resize((sheet.shape[1] * args.scale, sheet.shape[0] * args.scale),
-                                            Image.Resampling.NEAREST)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(args.out)
-    print(f"wrote {args.out}")
+    save_sheet(rows, Path(args.out), args.scale)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,16 @@ def main() -> None:
             images.append(model.pipeline.generate(resolve(params, model)).images_uint8()[0])
         rows.append(np.concatenate([target, canny(target), *images], axis=1))
         print(f"{scene.caption}: scene | canny | without | with ControlNet")
+    save_sheet(rows, Path(args.out), args.scale)
+
+
+def save_sheet(rows: list[np.ndarray], out: Path, scale: int) -> None:
+    """Stack the rows of images into one picture, each pixel ``scale`` x ``scale`` (nearest: crisp pixels)."""
     sheet = np.concatenate(rows, axis=0)
-    picture = Image.fromarray(sheet).resize((sheet.shape[1] * args.scale, sheet.shape[0] * args.scale),
-                                            Image.Resampling.NEAREST)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(args.out)
-    print(f"wrote {args.out}")
+    picture = Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.Resampling.NEAREST)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
