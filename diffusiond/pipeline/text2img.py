@@ -47,7 +47,7 @@ import inspect
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -129,6 +129,14 @@ class Pass:
         return len(self.timesteps)
 
 
+@dataclass(frozen=True)
+class LoadedAdapters:
+    """A request's LoRA adapter set with its tensors; ``key`` identifies it (empty: none)."""
+
+    key: tuple[object, ...] = ()
+    loaded: tuple[tuple[LoadedAdapter, float], ...] = ()
+
+
 @dataclass
 class RequestState:
     """One request between ``prepare`` and ``finish``: everything its next step needs."""
@@ -149,6 +157,7 @@ class RequestState:
     model_input: torch.Tensor | None = None  # the scaled latents of the step in progress
     deep: torch.Tensor | None = None  # step caching: the UNet's deep features from its latest full pass
     error: BaseException | None = None  # set when it stops early; finish raises it
+    adapters: LoadedAdapters = field(default_factory=LoadedAdapters)  # its LoRA set, loaded once in prepare
     control_image: torch.Tensor | None = None  # [k, 3, H, W] in [0, 1]: its ControlNet's image, once per image
 
     @property
@@ -325,11 +334,12 @@ class Text2ImagePipeline:
         started = time.perf_counter()
         warnings: list[str] = []
         k = request.num_images
-        adapters = self.use_adapters(request.adapters)  # precomputed cross-attention keys and values depend on them
+        adapters = self.load_adapters(request.adapters)
+        self.use_adapters(adapters)  # precomputed cross-attention keys and values depend on them
         try:
-            cond = self._encode(request.prompt, "prompt", warnings, adapters)
+            cond = self._encode(request.prompt, "prompt", warnings, adapters.key)
             uncond = (
-                self._encode(request.negative_prompt, "negative_prompt", warnings, adapters)
+                self._encode(request.negative_prompt, "negative_prompt", warnings, adapters.key)
                 if request.uses_guidance else None
             )
         except OutOfMemory:
@@ -352,6 +362,7 @@ class Text2ImagePipeline:
                 timings=timings,
                 warnings=warnings,
                 next_pass=request.hires,
+                adapters=adapters,
                 control_image=self._control_image(request),
             )
             if state.pass_done and state.next_pass is not None:  # a first pass of no steps (strength 0)
@@ -486,20 +497,22 @@ class Text2ImagePipeline:
             self._full_mask[key] = cached
         return cached
 
-    def use_adapters(self, adapters: AdapterSet) -> tuple[object, ...]:
-        """Make ``adapters`` the backend's adapter set (nothing to do when it is already, or on a backend whose
-        adapters are fixed at export: the resolver has checked those). Returns the set's key: names, scales
-        and the files' versions, so an adapter file replaced on disk is a new set."""
+    def load_adapters(self, adapters: AdapterSet) -> LoadedAdapters:
+        """The request's adapters with their tensors, looked up once per request (not at every step). The
+        key names the set: names, scales and the files' versions, so an adapter file replaced on disk is a
+        new set. Empty on a backend whose adapters are fixed at export (the resolver has checked those)."""
         if not adapters or not isinstance(self.backend, AppliesAdapters):
-            if isinstance(self.backend, AppliesAdapters):
-                self.backend.set_adapters((), [])
-            return ()
+            return LoadedAdapters()
         if self.adapters is None:
             raise RuntimeError("a request with adapters reached a pipeline without an adapter source")
-        loaded = [(self.adapters.load(name), scale) for name, scale in adapters]
+        loaded = tuple((self.adapters.load(name), scale) for name, scale in adapters)
         key = tuple((a.name, scale, a.file.mtime_ns, a.file.size_bytes) for a, scale in loaded)
-        self.backend.set_adapters(key, loaded)
-        return key
+        return LoadedAdapters(key, loaded)
+
+    def use_adapters(self, adapters: LoadedAdapters) -> None:
+        """Make ``adapters`` the backend's adapter set (nothing to do when it is already)."""
+        if isinstance(self.backend, AppliesAdapters):
+            self.backend.set_adapters(adapters.key, list(adapters.loaded))
 
     def _encode(self, text: str, field_name: str, warnings: list[str], adapters: Hashable = ()) -> Context:
         encoding = self.prompts.encode(text, adapters)
@@ -532,7 +545,7 @@ class Text2ImagePipeline:
         adapter_sets = {state.request.adapters for state in active}
         if len(adapter_sets) != 1:
             raise ValueError(f"states in one step must share their adapter set; got {sorted(adapter_sets)}")
-        self.use_adapters(adapter_sets.pop())
+        self.use_adapters(active[0].adapters)
 
         now = time.perf_counter()
         for state in active:
