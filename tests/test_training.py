@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffusiond.eval.run import EvalSettings, evaluate
+from diffusiond.models import latent_rgb
 from diffusiond.models.config import load_model_config
 from diffusiond.service.models import load_model
 from diffusiond.training.recipe import RECIPES
@@ -40,7 +41,7 @@ def test_resumed_run_equals_uninterrupted_run(straight, tmp_path):
     while not Trainer(MICRO, tmp_path, budget_s=0, progress=False).run():
         rounds += 1
         assert rounds < 20
-    assert rounds == MICRO.vae_steps - 1 + MICRO.diffusion_steps - 1
+    assert rounds == MICRO.vae_steps - 1 + MICRO.diffusion_steps - 1 + MICRO.decoder_steps - 1
     resumed = Trainer(MICRO, tmp_path, progress=False)
     assert resumed.stage == "done"
     assert resumed.scaling_factor == straight.scaling_factor
@@ -48,6 +49,20 @@ def test_resumed_run_equals_uninterrupted_run(straight, tmp_path):
     assert ours.keys() == theirs.keys()
     different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
     assert different == []
+
+
+def test_decoder_stage_extends_a_finished_run_exactly(straight, tmp_path):
+    without = MICRO.replace(decoder_steps=0)
+    assert without.fingerprint() == without.fingerprint_before_decoder() == MICRO.fingerprint_before_decoder()
+    assert Trainer(without, tmp_path, progress=False).run()
+    finished = _weights(Trainer(without, tmp_path, progress=False))
+    assert not torch.equal(finished["vae.decoder.conv_out.weight"], _weights(straight)["vae.decoder.conv_out.weight"])
+    extended = Trainer(MICRO, tmp_path, progress=False)
+    assert extended.stage == "decoder"
+    assert extended.run()
+    ours, theirs = _weights(extended), _weights(straight)
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    assert torch.equal(ours["vae.encoder.conv_in.weight"], finished["vae.encoder.conv_in.weight"])  # frozen
 
 
 def test_training_changes_the_weights(straight, tmp_path):
@@ -68,7 +83,8 @@ def test_exported_model_serves_and_evaluates(straight, tmp_path):
     out = tmp_path / "model"
     straight.export(out)
     config = load_model_config(out)
-    assert (config.vae_scale_factor, config.latent_channels, config.default_size) == (8, 4, 64)
+    assert (config.vae_scale_factor, config.latent_channels, config.default_size) == (4, 4, 64)
+    assert latent_rgb.read_model_file(out).channels == 4
     assert config.scaling_factor == pytest.approx(straight.scaling_factor, rel=1e-4)
     assert config.sampling_defaults.steps == MICRO.default_steps
     assert json.loads((out / "training.json").read_text())["stage"] == "done"

@@ -15,9 +15,15 @@ Three stages, one after the other:
    ``scaling_factor`` (the UNet sees unit-variance latents, as SD's does);
    encoding once rather than every step saves a third of the diffusion stage;
 3. ``diffusion``: UNet and text encoder together, from scratch, on latents
-   from that pool: epsilon prediction on SD's noise schedule,
-   min-SNR loss weighting, captions dropped 10% of the time (for
-   classifier-free guidance), an exponential moving average of the weights.
+   from that pool: epsilon or v prediction (the scheduler config's
+   ``prediction_type``) on SD's noise schedule, the x0 error weighted by
+   min-SNR plus ``high_noise_weight``, captions dropped 10% of the time (for
+   classifier-free guidance), an exponential moving average of the weights;
+4. ``decoder`` (when the recipe has ``decoder_steps``): the VAE's decoder alone
+   on the pool's latents against the images they encode, the encoder frozen,
+   so the latents the UNet learned are unchanged and corners come out sharper.
+   A run finished without this stage can be given it later: the same command
+   with the stage's fields set resumes it there.
 
 Every random draw at step *n* comes from generators seeded by (seed, stage, n),
 so a run is reproducible step by step and a resumed run continues exactly as an
@@ -51,8 +57,8 @@ from diffusiond.training.recipe import RECIPES, Recipe
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vae", "latents", "diffusion", "done")
-_STAGE_SEED = {"vae": 1, "latents": 2, "diffusion": 3}
+STAGES = ("vae", "latents", "diffusion", "decoder", "done")
+_STAGE_SEED = {"vae": 1, "latents": 2, "diffusion": 3, "decoder": 4}
 CHECKPOINT = "checkpoint.pt"
 LATENT_POOL = "latents.pt"
 SERVING_DEFAULTS = "diffusiond.json"
@@ -95,6 +101,27 @@ def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler).alphas_cumprod.float()
+
+
+def loss_target_and_weight(
+    recipe: Recipe, latents: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the UNet must predict, and each row's loss weight.
+
+    The weight is set on the error of the implied clean latent x0 (min-SNR-gamma,
+    plus ``high_noise_weight``) and converted to the parameterisation's own:
+    an epsilon error is the x0 error times SNR, a v error times SNR + 1.
+    """
+    snr = (ab / (1 - ab)).flatten()
+    x0_weight = snr.clamp(max=recipe.min_snr_gamma)
+    if recipe.high_noise_weight:
+        x0_weight = x0_weight + recipe.high_noise_weight
+    kind = recipe.scheduler.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise, x0_weight / snr
+    if kind == "v_prediction":
+        return ab.sqrt() * noise - (1 - ab).sqrt() * latents, x0_weight / (snr + 1)
+    raise ValueError(f"the recipe's scheduler has prediction_type {kind!r}; train epsilon or v_prediction")
 
 
 @dataclass
@@ -144,7 +171,7 @@ class Trainer:
         work_dir.mkdir(parents=True, exist_ok=True)
 
         vocab = list(dict.fromkeys([*WORDS, *dataset.caption_words()]))
-        tokens = write_clip_tokenizer(work_dir / "tokenizer", vocab)
+        tokens = write_clip_tokenizer(work_dir / "tokenizer", vocab, max_length=recipe.text["max_position_embeddings"])
         self.tokenizer = CLIPTokenizer.from_pretrained(work_dir / "tokenizer")
         bos, eos = tokens - 2, tokens - 1  # the tokenizer puts its special tokens last
 
@@ -157,6 +184,8 @@ class Trainer:
         )
         self.unet = UNet2DConditionModel(**recipe.unet)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+        self.decoder_params = [*self.vae.post_quant_conv.parameters(), *self.vae.decoder.parameters()]
+        self.decoder_opt = torch.optim.AdamW(self.decoder_params, lr=recipe.decoder_lr, weight_decay=0.0)
         self.diffusion_params = [*self.unet.parameters(), *self.text_encoder.parameters()]
         self.diffusion_opt = torch.optim.AdamW(self.diffusion_params, lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.ema = [p.detach().clone() for p in self.diffusion_params]
@@ -185,7 +214,8 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        if state["recipe"] != self.recipe.fingerprint():
+        extends = state["recipe"] == self.recipe.fingerprint_before_decoder() != self.recipe.fingerprint()
+        if state["recipe"] != self.recipe.fingerprint() and not extends:
             raise SystemExit(
                 f"{self.checkpoint_path} belongs to another recipe ({state['recipe']}, this is "
                 f"{self.recipe.fingerprint()}); use another --work directory or delete it"
@@ -201,6 +231,11 @@ class Trainer:
         self.clock = Clock(state["wall_s"], state["cpu_s"])
         self.vae_clock = (state["vae_wall_s"], state["vae_cpu_s"])
         self.losses = state.get("losses", {})
+        if "decoder_opt" in state:
+            self.decoder_opt.load_state_dict(state["decoder_opt"])
+        if extends and self.stage == "done":  # the same run, with a decoder stage added after it
+            self.stage, self.step = "decoder", 0
+            log.info("%s finished without a decoder stage; adding it", self.checkpoint_path)
         log.info("resumed %s at stage %s, step %d", self.checkpoint_path, self.stage, self.step)
 
     def _take_vae(self, other_work_dir: Path) -> None:
@@ -229,6 +264,7 @@ class Trainer:
             "unet": self.unet.state_dict(),
             "vae_opt": self.vae_opt.state_dict(),
             "diffusion_opt": self.diffusion_opt.state_dict(),
+            "decoder_opt": self.decoder_opt.state_dict(),
             "ema": self.ema,
             "wall_s": self.clock.wall_s,
             "cpu_s": self.clock.cpu_s,
@@ -246,14 +282,16 @@ class Trainer:
         last_save = started
         try:
             while self.stage != "done":
-                total = {"vae": self.recipe.vae_steps, "diffusion": self.recipe.diffusion_steps}.get(self.stage)
+                total = {"vae": self.recipe.vae_steps, "diffusion": self.recipe.diffusion_steps,
+                         "decoder": self.recipe.decoder_steps}.get(self.stage)
                 if total is None:  # the latents stage is one quick pass
                     self._measure_latents()
                     self._next_stage()
                     continue
                 bar = self._bar(total)
                 while self.step < total:
-                    loss = self._vae_step() if self.stage == "vae" else self._diffusion_step()
+                    loss = {"vae": self._vae_step, "diffusion": self._diffusion_step,
+                            "decoder": self._decoder_step}[self.stage]()
                     self.step += 1
                     self.losses[self.stage] = loss
                     if bar is not None:
@@ -376,9 +414,8 @@ class Trainer:
         self.text_encoder.train()
         context = self.text_encoder(self.tokenize(captions))[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
-        snr = (ab / (1 - ab)).flatten()
-        weight = snr.clamp(max=r.min_snr_gamma) / snr  # min-SNR weighting for epsilon prediction
-        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target, weight = loss_target_and_weight(r, latents, noise, ab)
+        loss = (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
 
         for group in self.diffusion_opt.param_groups:
             group["lr"] = learning_rate(r.lr, self.step, r.diffusion_steps, r.warmup_steps, r.final_lr_fraction)
@@ -390,6 +427,27 @@ class Trainer:
         with torch.no_grad():
             for shadow, param in zip(self.ema, self.diffusion_params):
                 shadow.lerp_(param.detach(), 1 - decay)
+        return loss.item()
+
+    def _decoder_step(self) -> float:
+        """The decoder alone on the latent pool's samples, against the very images they were encoded from."""
+        r = self.recipe
+        g = stage_generator(r.seed, "decoder", self.step)
+        if self.pool is None:
+            self.pool = torch.load(self.work_dir / LATENT_POOL, weights_only=True)
+        picked = torch.randint(0, len(self.pool["scene"]), (r.decoder_batch,), generator=g)
+        mean, std = self.pool["mean"][picked], self.pool["std"][picked]
+        latents = mean + std * torch.randn(mean.shape, generator=g)
+        seed = data_seed(r.seed, "latents")
+        images = to_tensor(np.stack([dataset.sample(self.train_scenes, seed, i)[1] for i in picked.tolist()]))
+        self.vae.train()
+        loss = F.l1_loss(self.vae.decode(latents).sample, images)
+        for group in self.decoder_opt.param_groups:
+            group["lr"] = learning_rate(r.decoder_lr, self.step, r.decoder_steps, r.vae_warmup_steps,
+                                        r.final_lr_fraction)
+        self.decoder_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.decoder_opt.step()
         return loss.item()
 
     # -- the result -----------------------------------------------------------------
@@ -420,6 +478,7 @@ class Trainer:
         write_pipeline_files(out, scheduler)
         defaults = {"default_steps": r.default_steps, "default_guidance_scale": r.default_guidance_scale}
         (out / SERVING_DEFAULTS).write_text(json.dumps(defaults, indent=2) + "\n")
+        self.latent_projection().write(out / latent_rgb.MODEL_FILE)
         # INT8 export calibrates on prompts the model knows: the validation split (never the held-out test).
         captions = [scene.caption for scene in dataset.split("validation")]
         (out / CALIBRATION_PROMPTS).write_text("\n".join(captions) + "\n")
@@ -444,6 +503,20 @@ class Trainer:
             "threads": torch.get_num_threads(),
         }
         (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+    @torch.no_grad()
+    def latent_projection(self, count: int = 64) -> latent_rgb.LatentRGB:
+        """APPROX_RGB previews' projection, fitted by least squares to this VAE's decodes of training images."""
+        images = [dataset.sample(self.train_scenes, data_seed(self.recipe.seed, "latents"), -1 - i)[1]
+                  for i in range(count)]
+        self.vae.eval()
+        levels = len(self.recipe.vae["block_out_channels"]) - 1
+        return latent_rgb.fit(
+            lambda x: self.vae.encode(x).latent_dist.mean, lambda z: self.vae.decode(z).sample,
+            self.scaling_factor, 2**levels, self.recipe.vae["latent_channels"],
+            source="fitted at export to the VAE's decodes of training images", images=to_tensor(np.stack(images)),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
