@@ -3,11 +3,17 @@
 Every request gets a fresh scheduler instance: multistep schedulers (DPM++,
 UniPC, PNDM) keep state between steps, so an instance is never shared between
 requests, also not between requests in one batch.
+
+A model trained on a schedule rescaled to zero terminal SNR
+(``rescale_betas_zero_snr`` in its scheduler config, as the built-in model is)
+is only offered the schedulers that can rescale their betas the same way: the
+others would sample on a noise schedule the model never saw.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +82,10 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
     return "dpmpp_2m"
 
 
+def supports_zero_terminal_snr(cls: type) -> bool:
+    return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters
+
+
 class SchedulerFactory:
     """Creates per-request scheduler instances for one model."""
 
@@ -83,8 +93,15 @@ class SchedulerFactory:
         base = {k: v for k, v in scheduler_config.items() if k not in _CLASS_SPECIFIC_KEYS}
         self.default_name = default_scheduler_name(scheduler_config)
         self._templates: dict[str, Any] = {}
+        self._unsupported: dict[str, str] = {}  # name -> why this model cannot use it
+        zero_snr = bool(scheduler_config.get("rescale_betas_zero_snr", False))
         for name, spec in SCHEDULERS.items():
             cls = getattr(diffusers, spec.class_name)
+            if zero_snr and not supports_zero_terminal_snr(cls):
+                self._unsupported[name] = (
+                    f"{spec.class_name} cannot rescale its noise schedule to zero terminal SNR, which this model "
+                    "was trained on")
+                continue
             config = dict(base)
             if spec.class_name == scheduler_config.get("_class_name"):
                 config = dict(scheduler_config)  # the model's own class: keep its config verbatim
@@ -99,6 +116,9 @@ class SchedulerFactory:
         if not name.strip():
             return self.default_name
         key = canonical_name(name)
+        if key in self._unsupported:
+            raise NotFound(f"scheduler {shown(name)} is not available for this model: {self._unsupported[key]}; "
+                           f"choose one of: {', '.join(self.names)}")
         if key not in self._templates:
             raise NotFound(f"scheduler {shown(name)} is not available; choose one of: {', '.join(self.names)}")
         return key

@@ -63,6 +63,11 @@ CHECKPOINT = "checkpoint.pt"
 LATENT_POOL = "latents.pt"
 SERVING_DEFAULTS = "diffusiond.json"
 CALIBRATION_PROMPTS = "calibration_prompts.txt"  # read by diffusiond.export.calibration
+# What the text encoder's auxiliary heads read from a caption (see Recipe.text_attribute_weight).
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(dataset.COLOURS), "background": tuple(dataset.COLOURS), "shape": dataset.SHAPES,
+    "size": tuple(dataset.SIZES), "position": tuple(dataset.POSITIONS),
+}
 
 
 def stage_generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -106,22 +111,32 @@ def alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
 def loss_target_and_weight(
     recipe: Recipe, latents: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the UNet must predict under the recipe's scheduler, and each row's loss weight."""
+    return prediction_target_and_weight(recipe.scheduler.get("prediction_type", "epsilon"), latents, noise, ab,
+                                        recipe.min_snr_gamma, recipe.high_noise_weight)
+
+
+def prediction_target_and_weight(
+    prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor,
+    min_snr_gamma: float, high_noise_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What the UNet must predict, and each row's loss weight.
 
     The weight is set on the error of the implied clean latent x0 (min-SNR-gamma,
     plus ``high_noise_weight``) and converted to the parameterisation's own:
-    an epsilon error is the x0 error times SNR, a v error times SNR + 1.
+    an epsilon error is the x0 error times SNR, a v error times SNR + 1. At zero
+    terminal SNR only v-prediction is defined, and min-SNR alone gives the last
+    timestep no weight at all.
     """
     snr = (ab / (1 - ab)).flatten()
-    x0_weight = snr.clamp(max=recipe.min_snr_gamma)
-    if recipe.high_noise_weight:
-        x0_weight = x0_weight + recipe.high_noise_weight
-    kind = recipe.scheduler.get("prediction_type", "epsilon")
-    if kind == "epsilon":
+    x0_weight = snr.clamp(max=min_snr_gamma) + high_noise_weight
+    if prediction_type == "epsilon":
+        if bool((snr == 0).any()):
+            raise ValueError("epsilon prediction is undefined at zero SNR; train v_prediction on such a schedule")
         return noise, x0_weight / snr
-    if kind == "v_prediction":
+    if prediction_type == "v_prediction":
         return ab.sqrt() * noise - (1 - ab).sqrt() * latents, x0_weight / (snr + 1)
-    raise ValueError(f"the recipe's scheduler has prediction_type {kind!r}; train epsilon or v_prediction")
+    raise ValueError(f"the scheduler has prediction_type {prediction_type!r}; train epsilon or v_prediction")
 
 
 @dataclass
@@ -183,10 +198,15 @@ class Trainer:
             CLIPTextConfig(vocab_size=tokens, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **recipe.text)
         )
         self.unet = UNet2DConditionModel(**recipe.unet)
+        self.attribute_heads = torch.nn.ModuleDict({
+            name: torch.nn.Linear(recipe.text["hidden_size"], len(values)) for name, values in ATTRIBUTE_VALUES.items()
+        })
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
         self.decoder_params = [*self.vae.post_quant_conv.parameters(), *self.vae.decoder.parameters()]
         self.decoder_opt = torch.optim.AdamW(self.decoder_params, lr=recipe.decoder_lr, weight_decay=0.0)
         self.diffusion_params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        if recipe.text_attribute_weight:
+            self.diffusion_params += list(self.attribute_heads.parameters())
         self.diffusion_opt = torch.optim.AdamW(self.diffusion_params, lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.ema = [p.detach().clone() for p in self.diffusion_params]
         self.alphas_cumprod = alphas_cumprod(recipe.scheduler)
@@ -224,6 +244,8 @@ class Trainer:
         self.vae.load_state_dict(state["vae"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         self.unet.load_state_dict(state["unet"])
+        if "attribute_heads" in state:
+            self.attribute_heads.load_state_dict(state["attribute_heads"])
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.diffusion_opt.load_state_dict(state["diffusion_opt"])
         for mine, saved in zip(self.ema, state["ema"]):
@@ -262,6 +284,7 @@ class Trainer:
             "vae": self.vae.state_dict(),
             "text_encoder": self.text_encoder.state_dict(),
             "unet": self.unet.state_dict(),
+            "attribute_heads": self.attribute_heads.state_dict(),
             "vae_opt": self.vae_opt.state_dict(),
             "diffusion_opt": self.diffusion_opt.state_dict(),
             "decoder_opt": self.decoder_opt.state_dict(),
@@ -401,7 +424,8 @@ class Trainer:
         picked = torch.randint(0, len(self.pool["scene"]), (r.diffusion_batch,), generator=g)
         mean, std = self.pool["mean"][picked], self.pool["std"][picked]
         latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.scaling_factor
-        captions = [self.train_scenes[i].caption for i in self.pool["scene"][picked].tolist()]
+        scenes = [self.train_scenes[i] for i in self.pool["scene"][picked].tolist()]
+        captions = [scene.caption for scene in scenes]
         batch = latents.shape[0]
         timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=g)
         noise = torch.randn(latents.shape, generator=g)
@@ -412,10 +436,17 @@ class Trainer:
         noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
         self.unet.train()
         self.text_encoder.train()
-        context = self.text_encoder(self.tokenize(captions))[0]
+        encoded = self.text_encoder(self.tokenize(captions))
+        context = encoded[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         target, weight = loss_target_and_weight(r, latents, noise, ab)
         loss = (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        kept = [i for i, drop in enumerate(dropped.tolist()) if not drop]
+        if r.text_attribute_weight and kept:
+            pooled = encoded[1][kept]
+            for name, values in ATTRIBUTE_VALUES.items():
+                labels = torch.tensor([values.index(getattr(scenes[i], name)) for i in kept])
+                loss = loss + r.text_attribute_weight * F.cross_entropy(self.attribute_heads[name](pooled), labels)
 
         for group in self.diffusion_opt.param_groups:
             group["lr"] = learning_rate(r.lr, self.step, r.diffusion_steps, r.warmup_steps, r.final_lr_fraction)
