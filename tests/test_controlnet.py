@@ -13,11 +13,13 @@ from PIL import Image
 
 from diffusiond.errors import FailedPrecondition, InvalidArgument, NotFound
 from diffusiond.models.canny import canny
+from diffusiond.models.config import load_model_config
 from diffusiond.pipeline.request import ControlSpec, GenerationRequest
 from diffusiond.service.control import ControlParams
 from diffusiond.service.models import load_model
 from diffusiond.service.resolver import GenerationParams, resolve
 from diffusiond.training import dataset
+from diffusiond.training.train_controlnet import conditioning_channels_for
 
 TOLERANCE = 1e-4  # as the text-to-image parity test: float images in [0, 1], same fp32 modules
 
@@ -28,7 +30,8 @@ def make_controlnet(builtin_dir: Path, out: Path) -> Path:
 
     unet = UNet2DConditionModel.from_pretrained(builtin_dir / "unet")
     torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    channels = conditioning_channels_for(load_model_config(builtin_dir).vae_scale_factor)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     with torch.no_grad():
         for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                       controlnet.controlnet_cond_embedding.conv_out]:
@@ -262,3 +265,15 @@ def test_controlnet_training_is_seeded_and_resumes_exactly(builtin_dir, tmp_path
         assert torch.equal(a, b), name
     resumed.export(tmp_path / "out", "test")
     assert (tmp_path / "out" / "diffusiond_control.json").is_file()
+    # The conditioning embedding brings a 64x64 control image to the model's latent size.
+    side = load_model_config(builtin_dir).unet_sample_size
+    with torch.no_grad():
+        embedded = resumed.controlnet.controlnet_cond_embedding(torch.zeros(1, 3, 64, 64))
+    assert embedded.shape[-2:] == (side, side)
+
+
+def test_conditioning_channels_downsample_by_the_vae_factor():
+    assert conditioning_channels_for(8) == (8, 16, 16, 16)
+    assert conditioning_channels_for(4) == (8, 16, 16)
+    with pytest.raises(ValueError, match="power of two"):
+        conditioning_channels_for(6)

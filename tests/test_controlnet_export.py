@@ -14,6 +14,7 @@ from diffusiond.eval.compare import psnr
 from diffusiond.export.onnx_export import ExportOptions, export_onnx
 from diffusiond.export.tensorrt_build import EngineBuildOptions, plan_engines
 from diffusiond.models.canny import canny
+from diffusiond.models.config import load_model_config
 from diffusiond.models.descriptors import (
     CONTROLNET,
     UNET_CONTROLLED,
@@ -82,10 +83,11 @@ def test_tensorrt_plan_builds_the_controlnet_when_asked(export):
     engines = {e.component: e for e in plan.engines}
     assert {CONTROLNET, UNET_CONTROLLED} <= set(engines)
     profile = engines[CONTROLNET].input_profile
-    # Guided calls run two rows per image; the control image is at pixel size, the latents at 1/8.
+    # Guided calls run two rows per image; the control image is at pixel size, the latents at 1/factor.
     assert profile["controlnet_cond"][2][0] == 2 * plan.profile.images.max
     assert profile["controlnet_cond"][1][2:] == (plan.profile.height.opt, plan.profile.width.opt)
-    assert profile["sample"][1][2:] == (plan.profile.height.opt // 8, plan.profile.width.opt // 8)
+    factor = load_model_config(export.directory).vae_scale_factor
+    assert profile["sample"][1][2:] == (plan.profile.height.opt // factor, plan.profile.width.opt // factor)
     assert "mid_block_res_sample" in engines[UNET_CONTROLLED].input_profile
 
 

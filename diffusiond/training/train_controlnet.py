@@ -38,7 +38,7 @@ from diffusiond.models.builtin import builtin_model_dir
 from diffusiond.models.canny import DEFAULT_HIGH, DEFAULT_LOW, canny
 from diffusiond.training import dataset
 from diffusiond.training.loop import run_steps
-from diffusiond.training.train import Clock, alphas_cumprod, learning_rate, to_tensor
+from diffusiond.training.train import Clock, alphas_cumprod, learning_rate, prediction_target_and_weight, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,10 @@ class ControlRecipe:
     final_lr_fraction: float = 0.1
     caption_dropout: float = 0.3
     min_snr_gamma: float = 5.0
-    conditioning_channels: tuple[int, ...] = (8, 8, 16, 16)  # it runs at full image size: keep it thin
+    high_noise_weight: float = 1.0  # as the built-in recipe's: the noisiest timesteps are where the layout forms
+    # The conditioning embedding runs at full image size, so it is thin; None: one stride-2 stage per
+    # halving of the VAE's factor, so the edges arrive at the latent's size (factor 4: (8, 16, 16)).
+    conditioning_channels: tuple[int, ...] | None = None
     # Where the layout forms: this fraction of examples draws its timestep from the noisier half.
     high_noise_fraction: float = 0.5
     # The conditioning embedding's last convolution starts small and random instead of zero, so the
@@ -74,6 +77,14 @@ class ControlRecipe:
 
     def fingerprint(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+def conditioning_channels_for(vae_scale_factor: int) -> tuple[int, ...]:
+    """Widths of a thin conditioning embedding that downsamples a control image by ``vae_scale_factor``."""
+    halvings = vae_scale_factor.bit_length() - 1
+    if vae_scale_factor < 1 or 2 ** halvings != vae_scale_factor:
+        raise ValueError(f"the VAE's scale factor must be a power of two, not {vae_scale_factor}")
+    return (8, *([16] * halvings))
 
 
 def control_tensor(images: np.ndarray, low: float, high: float) -> torch.Tensor:
@@ -98,9 +109,9 @@ class ControlTrainer:
         self.vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval().requires_grad_(False)
         self.unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").eval().requires_grad_(False)
         torch.manual_seed(recipe.seed)
-        self.controlnet = ControlNetModel.from_unet(
-            self.unet, conditioning_embedding_out_channels=recipe.conditioning_channels
-        )
+        channels = recipe.conditioning_channels or conditioning_channels_for(
+            2 ** (len(self.vae.config.block_out_channels) - 1))
+        self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=channels)
         if recipe.embedding_init_std:
             with torch.no_grad():
                 self.controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0.0, recipe.embedding_init_std)
@@ -113,6 +124,7 @@ class ControlTrainer:
         self.opt = torch.optim.AdamW(self.params, lr=recipe.lr, weight_decay=0.0)
         scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
         self.alphas_cumprod = alphas_cumprod(scheduler)
+        self.prediction_type = scheduler.get("prediction_type", "epsilon")
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.scenes = dataset.split("train")
         self.step = 0
@@ -209,9 +221,9 @@ class ControlTrainer:
                                     return_dict=False)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context,
                                down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        snr = (ab / (1 - ab)).flatten()
-        weight = snr.clamp(max=r.min_snr_gamma) / snr
-        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target, weight = prediction_target_and_weight(self.prediction_type, latents, noise, ab, r.min_snr_gamma,
+                                                      r.high_noise_weight)
+        loss = (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(r.lr, self.step, r.steps, r.warmup_steps, r.final_lr_fraction)
         self.opt.zero_grad(set_to_none=True)
