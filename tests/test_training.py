@@ -22,6 +22,7 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     state = {f"vae.{k}": v for k, v in trainer.vae.state_dict().items()}
     state.update({f"unet.{k}": v for k, v in trainer.unet.state_dict().items()})
     state.update({f"text.{k}": v for k, v in trainer.text_encoder.state_dict().items()})
+    state.update({f"heads.{k}": v for k, v in trainer.attribute_heads.state_dict().items()})
     state.update({f"ema.{i}": v for i, v in enumerate(trainer.ema)})
     return state
 
@@ -49,6 +50,12 @@ def test_resumed_run_equals_uninterrupted_run(straight, tmp_path):
     assert ours.keys() == theirs.keys()
     different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
     assert different == []
+
+
+def test_the_fingerprint_covers_what_decides_the_weights_and_not_the_sampling_defaults():
+    assert MICRO.replace(default_guidance_scale=7.5, default_steps=30).fingerprint() == MICRO.fingerprint()
+    assert MICRO.replace(text_attribute_weight=0.0).fingerprint() != MICRO.fingerprint()
+    assert MICRO.replace(decoder_lr=1e-3).fingerprint() != MICRO.fingerprint()
 
 
 def test_decoder_stage_extends_a_finished_run_exactly(straight, tmp_path):

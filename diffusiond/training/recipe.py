@@ -130,13 +130,17 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """Identifies the recipe, so a checkpoint is never resumed under a different one (a recipe without
-        a decoder stage has the fingerprint it had before that stage existed)."""
-        return self.fingerprint_before_decoder() if self.decoder_steps == 0 else _digest(self.as_dict())
+        a decoder stage has the fingerprint it had before that stage existed). The sampling defaults are
+        left out: they decide no weight, and a finished run can be exported again with others."""
+        if self.decoder_steps == 0:
+            return self.fingerprint_before_decoder()
+        return _digest({key: value for key, value in self.as_dict().items() if key not in SAMPLING_FIELDS})
 
     def fingerprint_before_decoder(self) -> str:
         """Identifies everything the stages before the decoder stage depend on: a finished run with this
         fingerprint can go on into the decoder stage."""
-        return _digest({key: value for key, value in self.as_dict().items() if key not in DECODER_FIELDS})
+        return _digest({key: value for key, value in self.as_dict().items()
+                        if key not in DECODER_FIELDS + SAMPLING_FIELDS})
 
     def vae_fingerprint(self) -> str:
         """Identifies what decides the autoencoder alone, so its stage can be reused by other recipes."""
@@ -144,6 +148,7 @@ class Recipe:
 
 
 DECODER_FIELDS = ("decoder_steps", "decoder_batch", "decoder_lr")
+SAMPLING_FIELDS = ("default_scheduler_class", "default_steps", "default_guidance_scale")
 VAE_FIELDS = ("seed", "vae", "vae_steps", "vae_crop_steps", "vae_crop", "vae_batch", "vae_lr", "vae_warmup_steps",
               "kl_weight", "final_lr_fraction")
 
