@@ -1,13 +1,15 @@
 """The built-in model: a small Stable Diffusion that draws what the shapes data set's prompts ask for.
 
 It has the classes and directory layout of Stable Diffusion 1.x
-(UNet2DConditionModel, AutoencoderKL with latent factor 8 and 4 latent
-channels, CLIPTextModel, a CLIP-format tokenizer, a scheduler config), so it
+(UNet2DConditionModel, AutoencoderKL with 4 latent channels, CLIPTextModel, a
+CLIP-format tokenizer, a scheduler config), so it
 takes exactly the code paths a real model does; its weights were trained from
 scratch by ``diffusiond.training.train`` on the procedural shapes data set
 (``diffusiond.training.dataset``) and ship with the package, in safetensors.
 Prompts like "a small red circle on a blue background, top left" come out as
-asked; ``diffusiond eval`` measures how often.
+asked; ``diffusiond eval`` measures how often. Its autoencoder's latent factor
+is 4, not SD's 8 (64x64 images, 16x16 latents): ``diffusiond.training.recipe``
+says why.
 
 The random-weight architecture presets (``tiny``, ``sd15-half``, ``sd15``)
 live in ``diffusiond.models.synthetic``.

@@ -11,9 +11,9 @@ A style says how the picture is drawn: ``plain`` (the built-in model's
 training data) or ``framed`` (the same scene inside a frame ``FRAME_WIDTH``
 pixels wide along the image's edges, white, or black on a white background):
 the style the project's example LoRA adapter teaches, which the base model
-never saw. (Thinner styles, such as shapes drawn as outlines, do not survive
-the built-in model's autoencoder, whose latents are 8x8: it decodes them
-filled, so no UNet adapter could draw them.)
+never saw. (Thinner styles, such as shapes drawn as outlines, did not survive
+the first built-in model's autoencoder, whose latents were 8x8: it decoded
+them filled, so no UNet adapter could draw them.)
 
 Shapes are drawn at 4x resolution and box-filtered down, so edges are
 anti-aliased the way a decoder would draw them. Positions are the centres of a

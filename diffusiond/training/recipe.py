@@ -114,7 +114,7 @@ class Recipe:
     high_noise_weight: float = 1.0
     # Stage 4: the VAE's decoder alone, its encoder (so the latents) frozen, as Stable Diffusion's
     # fine-tuned decoders were: on the latent pool's samples against the images they encode.
-    decoder_steps: int = 0
+    decoder_steps: int = 1500
     decoder_batch: int = 16
     decoder_lr: float = 3e-4
     # Sampling defaults written into the model (diffusiond.json / scheduler_config.json).
