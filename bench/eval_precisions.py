@@ -1,11 +1,12 @@
-"""Quality of the built-in model per backend and precision: eager fp32 vs ONNX Runtime fp32, fp16, int8.
+"""Quality of the built-in model per backend and precision: eager fp32 and bf16, ONNX Runtime fp32, fp16, int8.
 
     .venv/bin/python bench/eval_precisions.py [--num-prompts 200] [--work /tmp/diffusiond-eval]
 
 Exports the built-in model to ONNX three times (``diffusiond export onnx``'s
 code: fp32, fp16, and int8 calibrated on the model's own validation prompts,
 ``calibration_prompts.txt``), then runs ``diffusiond eval``'s code on the same
-held-out prompts, seeds and sampling defaults for each, and prints a Markdown
+held-out prompts, seeds and sampling defaults for each (and on eager bf16, and
+on the ``torch-compiled`` backend where it is installed), and prints a Markdown
 table for BENCHMARKS.md: the scorer's accuracy per attribute, and how often
 each configuration's reading of an image agrees with eager fp32's reading of
 the same prompt and seed (an INT8 calibration that hurts shows in both).
@@ -24,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusiond.backends import registry as backends  # noqa: E402
 from diffusiond.eval.run import EvalReport, EvalSettings, evaluate  # noqa: E402
 from diffusiond.eval.scorer import ATTRIBUTES  # noqa: E402
 from diffusiond.export.onnx_export import ExportOptions, export_onnx  # noqa: E402
@@ -34,7 +36,12 @@ log = logging.getLogger("bench")
 
 def configurations(work: Path) -> list[tuple[str, EvalSettings]]:
     source = ensure_builtin_model()
-    configs = [("eager PyTorch fp32", EvalSettings(backend="torch", precision="fp32"))]
+    configs = [("eager PyTorch fp32", EvalSettings(backend="torch", precision="fp32")),
+               ("eager PyTorch bf16", EvalSettings(backend="torch", dtype="bf16", precision="bf16"))]
+    if "torch-compiled" in backends.plugins():
+        configs.append(("torch-compiled fp32", EvalSettings(backend="torch-compiled", precision="fp32")))
+    else:
+        log.warning("no torch-compiled backend in this installation: its row is left out")
     for precision in ("fp32", "fp16", "int8"):
         out = work / f"builtin-onnx-{precision}"
         result = export_onnx(source, out, ExportOptions(precision=precision))

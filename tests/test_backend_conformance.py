@@ -20,6 +20,7 @@ from diffusiond.backends import cpu_features
 from diffusiond.backends.base import BackendSettings, translate_out_of_memory
 from diffusiond.backends.registry import create_backend, plugins, warm_up
 from diffusiond.errors import OutOfMemory
+from diffusiond.models.config import load_model_config
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
@@ -112,11 +113,11 @@ def parametrize_cases(fn):
 
 @dataclass
 class Inputs:
-    input_ids: torch.Tensor  # [4, 77] int64
-    sample: torch.Tensor  # [4, 4, 8, 8]
+    input_ids: torch.Tensor  # [4, T] int64, T the model's text length (32)
+    sample: torch.Tensor  # [4, 4, h, w], the native latent (16x16)
     timestep: torch.Tensor  # [4], all different
-    context: torch.Tensor  # [4, 77, D]: the eager text encoder's encoding of PROMPTS
-    latents: torch.Tensor  # [2, 4, 8, 8]
+    context: torch.Tensor  # [4, T, D]: the eager text encoder's encoding of PROMPTS
+    latents: torch.Tensor  # [2, 4, h, w]
     images: torch.Tensor  # [2, 3, 64, 64]
 
     def on(self, device: torch.device) -> Inputs:
@@ -175,15 +176,18 @@ def inputs(backends, builtin_dir) -> Inputs:
     from transformers import CLIPTokenizer
 
     eager = backends(CASES[0])
+    config = load_model_config(builtin_dir)
     tokenizer = CLIPTokenizer.from_pretrained(builtin_dir / "tokenizer")
-    ids = torch.tensor(tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids)
+    ids = torch.tensor(tokenizer(PROMPTS, padding="max_length", max_length=config.text_max_length,
+                                 truncation=True).input_ids)
     g = torch.Generator().manual_seed(0)
+    side = config.unet_sample_size
     return Inputs(
         input_ids=ids,
-        sample=torch.randn(4, 4, 8, 8, generator=g),
+        sample=torch.randn(4, 4, side, side, generator=g),
         timestep=torch.tensor(TIMESTEPS),
         context=eager.text_encoder(ids),
-        latents=torch.randn(2, 4, 8, 8, generator=g),
+        latents=torch.randn(2, 4, side, side, generator=g),
         images=torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
     )
 
@@ -196,9 +200,11 @@ def eager_outputs(backends, inputs) -> dict[str, torch.Tensor]:
 @parametrize_cases
 def test_outputs_at_the_boundary_are_float32_on_the_backends_device(case, backend, inputs):
     x = inputs.on(backend.device)
-    hidden = x.context.shape[-1]
+    tokens, hidden = x.context.shape[1:]
+    latent = tuple(x.sample.shape[1:])
     expected = {
-        "text_encoder": (4, 77, hidden), "unet": (4, 4, 8, 8), "vae_decode": (2, 3, 64, 64), "vae_encode": (2, 4, 8, 8),
+        "text_encoder": (4, tokens, hidden), "unet": (4, *latent), "vae_decode": (2, 3, 64, 64),
+        "vae_encode": (2, *latent),
     }
     where = torch.empty(0, device=backend.device).device
     for name, out in run_all(backend, x).items():
@@ -305,7 +311,7 @@ def test_the_runtimes_out_of_memory_error_becomes_out_of_memory(case, backend, i
 
 
 @parametrize_cases
-def test_the_plugins_warm_up_runs_each_network_at_the_optimal_shapes(case, backend, monkeypatch):
+def test_the_plugins_warm_up_runs_each_network_at_the_optimal_shapes(case, backend, monkeypatch, builtin_dir):
     rows = []
     unet = backend.unet
     monkeypatch.setattr(backend, "unet", lambda sample, *rest: rows.append(sample.shape) or unet(sample, *rest))
@@ -313,13 +319,14 @@ def test_the_plugins_warm_up_runs_each_network_at_the_optimal_shapes(case, backe
     if plugins()[case.backend].warm_up is None:  # none of its own: the server's first generation is it
         assert rows == []
         return
+    factor = load_model_config(builtin_dir).vae_scale_factor
     if case.backend == "torch-compiled":  # it compiles two row counts (see its warm_up_rows)
         profile = backend.profile
-        latent = (profile.height.opt // 8, profile.width.opt // 8)
+        latent = (profile.height.opt // factor, profile.width.opt // factor)
         assert rows == [(2 * profile.images.opt, 4, *latent), (2 * profile.images.max, 4, *latent)]
         return
     profile = backend.artifact.profile
-    latent = (profile.height.opt // 8, profile.width.opt // 8)
+    latent = (profile.height.opt // factor, profile.width.opt // factor)
     assert rows == [(2 * profile.images.opt, 4, *latent)]  # the guided UNet: two rows per image
 
 

@@ -100,7 +100,7 @@ def test_bad_sizes_and_ranges_are_refused():
 def test_read_from_a_model_directory(builtin_dir):
     d = descriptors_for(builtin_dir)
     dims = d["unet"].dims
-    assert (dims.latent_channels, dims.vae_scale_factor, dims.text_max_length) == (4, 8, 77)
+    assert (dims.latent_channels, dims.vae_scale_factor, dims.text_max_length) == (4, 4, 32)
     width = json.loads((builtin_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
     assert dims.text_hidden_size == width  # the built-in model's cross-attention width
-    assert d["unet"].shape_dict(2, 64, 64)["encoder_hidden_states"] == (2, 77, width)
+    assert d["unet"].shape_dict(2, 64, 64)["encoder_hidden_states"] == (2, 32, width)

@@ -22,7 +22,7 @@ from diffusiond.models.descriptors import COMPONENTS, descriptors_for
 FP32_ATOL = 1e-4
 
 
-def test_optimum_layout(onnx_export):
+def test_optimum_layout(onnx_export, builtin_dir):
     out = onnx_export("fp32")
     for name in COMPONENTS:
         assert (out / name / "model.onnx").is_file()
@@ -31,7 +31,8 @@ def test_optimum_layout(onnx_export):
     assert (out / "scheduler" / "scheduler_config.json").is_file()
     assert (out / "model_index.json").is_file()
     config = load_model_config(out)  # the same reader serves diffusers and ONNX layouts
-    assert (config.latent_channels, config.vae_scale_factor, config.default_size) == (4, 8, 64)
+    assert (config.latent_channels, config.vae_scale_factor, config.default_size) == (4, 4, 64)
+    assert (out / "latent_rgb.json").read_text() == (builtin_dir / "latent_rgb.json").read_text()  # previews
 
 
 def test_manifest_describes_the_artifact(onnx_export, builtin_dir):
@@ -46,7 +47,7 @@ def test_manifest_describes_the_artifact(onnx_export, builtin_dir):
     unet = manifest["components"]["unet"]
     assert unet["files"] == ["unet/model.onnx"]
     assert unet["io"]["dynamic_axes"]["sample"] == {"0": "batch", "2": "latent_height", "3": "latent_width"}
-    assert unet["io"]["profile"]["sample"] == {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [8, 4, 16, 16]}
+    assert unet["io"]["profile"]["sample"] == {"min": [1, 4, 16, 16], "opt": [2, 4, 16, 16], "max": [8, 4, 32, 32]}
     tested = [(t["batch"], t["height"], t["width"]) for t in unet["tested"]]
     assert tested == [(1, 64, 64), (2, 72, 80)]
     assert all(t["max_abs_error"] < FP32_ATOL for t in unet["tested"])
@@ -64,7 +65,7 @@ def test_manifest_describes_the_artifact(onnx_export, builtin_dir):
 
 
 def test_one_unet_serves_several_batch_sizes_and_sizes(onnx_export, builtin_dir):
-    """Dynamic axes: batch 1 and 3, 64x64 and 72x96 (latents 9x12, not multiples of the UNet's 8)."""
+    """Dynamic axes: batch 1 and 3, 64x64 and 72x96 (latents 18x24, not multiples of the UNet's 4)."""
     descriptor = descriptors_for(builtin_dir)["unet"]
     session = ort.InferenceSession(str(onnx_export("fp32") / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
     module = load_torch_network(builtin_dir, "unet")
@@ -74,7 +75,7 @@ def test_one_unet_serves_several_batch_sizes_and_sizes(onnx_export, builtin_dir)
             (got,) = session.run(["out_sample"], feeds)  # the step-caching deep features are a second output
             with torch.inference_mode():
                 expected = module(*(torch.from_numpy(feeds[n]) for n in descriptor.input_names)).numpy()
-            assert got.shape == (batch, 4, height // 8, width // 8)
+            assert got.shape == (batch, 4, height // 4, width // 4)
             assert np.abs(got - expected).max() < FP32_ATOL
 
 

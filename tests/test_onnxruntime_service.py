@@ -87,7 +87,7 @@ def test_stream_events_match_eager(client, ort_client, preview):
         assert o.HasField("latents") == e.HasField("latents")
         if o.HasField("latents"):
             mine, theirs = tensor_to_numpy(o.latents), tensor_to_numpy(e.latents)
-            assert mine.shape == theirs.shape == (2, 4, 8, 8)
+            assert mine.shape == theirs.shape == (2, 4, 16, 16)
             assert np.abs(mine - theirs).max() <= 1e-4 * np.abs(theirs).max() + 1e-4
         for p, q in zip(o.previews, e.previews):
             assert np.abs(pixels(p.data).astype(float) - pixels(q.data)).mean() < 2.0  # JPEG of nearly equal pixels

@@ -26,6 +26,7 @@ from diffusiond.backends.openvino import (  # noqa: E402
 from diffusiond.cli import build_parser, main  # noqa: E402
 from diffusiond.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 from diffusiond.eval.compare import psnr  # noqa: E402
+from diffusiond.models.config import load_model_config
 from diffusiond.models.descriptors import UNET, VAE_DECODER, descriptors_for  # noqa: E402
 from diffusiond.pipeline.request import GenerationRequest, PreviewSpec  # noqa: E402
 from diffusiond.service.models import load_model  # noqa: E402
@@ -144,7 +145,8 @@ def test_bf16_is_refused_on_a_cpu_without_it(monkeypatch):
 
 def test_the_model_cache_is_reused_and_kept_apart_per_precision(onnx_export, tmp_path):
     """OpenVINO's own cache key leaves out the precision hint: a model cached at fp32 came back as NaN for bf16."""
-    ids = torch.randint(0, 300, (2, 77), generator=torch.Generator().manual_seed(0))
+    tokens = load_model_config(onnx_export("fp32")).text_max_length
+    ids = torch.randint(0, 300, (2, tokens), generator=torch.Generator().manual_seed(0))
 
     def load(hint: str):
         options = OpenVinoOptions(precision_hint=hint, cache_dir=str(tmp_path))

@@ -115,7 +115,7 @@ def test_batched_requests_match_their_solo_runs(bclient, client, faulty):
         steps = [e.step for e in events if e.WhichOneof("event") == "step"]
         assert [s.step for s in steps] == [1, 2, 3, 4, 5, 6]
         if fields["preview"] == "latent":
-            assert all(s.latents.shape == [1, 4, 8, 8] for s in steps)
+            assert all(s.latents.shape == [1, 4, 16, 16] for s in steps)
         else:
             assert all([p.seed for p in s.previews] == [fields["seed"]] for s in steps)
         alone = client.generate(**{k: v for k, v in fields.items() if k != "preview"}, **common)
@@ -213,7 +213,7 @@ def test_out_of_memory_splits_the_unet_batch(bclient, client, batch_server, faul
 
 
 def test_request_that_does_not_fit_fails_and_the_next_is_served(bclient, faulty):
-    faulty.unet_oom = lambda sample: sample.shape[-1] > 8  # latents wider than 8: images wider than 64 px
+    faulty.unet_oom = lambda sample: sample.shape[-1] > 16  # latents wider than 16: images wider than 64 px
     with pytest.raises(ClientError) as info:
         bclient.generate("too wide", seed=90, steps=2, width=128, num_images=BATCH_IMAGES)
     assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED

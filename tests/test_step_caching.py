@@ -34,10 +34,12 @@ def backend(model):
 
 def unet_inputs(backend, rows: int = 4):
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(rows, 4, 8, 8, generator=g)
+    side = backend._unet.config.sample_size
+    sample = torch.randn(rows, 4, side, side, generator=g)
     timestep = torch.tensor([999.0, 500.0, 20.0, 1.0][:rows])
-    vocab = backend._text_encoder.config.vocab_size
-    context = backend.text_encoder(torch.randint(0, vocab, (rows, 77), generator=g))
+    config = backend._text_encoder.config
+    context = backend.text_encoder(torch.randint(0, config.vocab_size, (rows, config.max_position_embeddings),
+                                                 generator=g))
     return sample, timestep, context
 
 

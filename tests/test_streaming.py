@@ -36,7 +36,7 @@ def test_latent_preview_of_last_step_decodes_to_the_result(client, model):
     steps = [e.step for e in events if e.WhichOneof("event") == "step"]
     assert all(s.HasField("latents") for s in steps)
     latents = tensor_to_numpy(steps[-1].latents)
-    assert latents.shape == (1, 4, 8, 8) and latents.dtype == np.float32
+    assert latents.shape == (1, 4, 16, 16) and latents.dtype == np.float32
     decoded = model.backend.vae_decode(torch.from_numpy(latents.copy()) / model.config.scaling_factor)
     image = ((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)[0]
     final = np.asarray(Image.open(io.BytesIO(events[-1].result.images[0].data)).convert("RGB"))

@@ -75,7 +75,7 @@ def test_plan_follows_the_fp16_export(onnx_export):
     assert by_name["unet"].onnx_file == onnx_dir / "unet" / "model.onnx"
     # The export's own profile: 1-4 images, 64-128 px; the guided UNet sees two rows per image.
     assert plan.profile == ShapeProfile.from_json(onnx_manifest["profile"])
-    assert by_name["unet"].input_profile["sample"] == ((1, 4, 8, 8), (2, 4, 8, 8), (8, 4, 16, 16))
+    assert by_name["unet"].input_profile["sample"] == ((1, 4, 16, 16), (2, 4, 16, 16), (8, 4, 32, 32))
 
 
 @pytest.mark.parametrize(
@@ -117,18 +117,19 @@ def test_an_int8_export_tensorrt_cannot_take_is_refused(onnx_export, tmp_path):
 
 
 def test_shape_profile_gives_each_input_its_min_opt_max(onnx_export, builtin_dir):
-    width = json.loads((builtin_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
+    text = json.loads((builtin_dir / "text_encoder" / "config.json").read_text())
+    width, tokens = text["hidden_size"], text["max_position_embeddings"]
     profile = ShapeProfile(images=Range(1, 2, 3), height=Range(64, 128, 256), width=Range(32, 64, 128))
     plan = plan_engines(onnx_export("fp16"), EngineBuildOptions(profile=profile))
     shapes = {e.component: e.input_profile for e in plan.engines}
     assert plan.profile == profile
     assert shapes["unet"] == {
-        "sample": ((1, 4, 8, 4), (4, 4, 16, 8), (6, 4, 32, 16)),  # guided: two rows per image at opt and max
+        "sample": ((1, 4, 16, 8), (4, 4, 32, 16), (6, 4, 64, 32)),  # guided: two rows per image at opt and max
         "timestep": ((1,), (4,), (6,)),
-        "encoder_hidden_states": ((1, 77, width), (4, 77, width), (6, 77, width)),
+        "encoder_hidden_states": ((1, tokens, width), (4, tokens, width), (6, tokens, width)),
     }
-    assert shapes["text_encoder"] == {"input_ids": ((1, 77), (2, 77), (3, 77))}
-    assert shapes["vae_decoder"] == {"latent_sample": ((1, 4, 8, 4), (2, 4, 16, 8), (3, 4, 32, 16))}
+    assert shapes["text_encoder"] == {"input_ids": ((1, tokens), (2, tokens), (3, tokens))}
+    assert shapes["vae_decoder"] == {"latent_sample": ((1, 4, 16, 8), (2, 4, 32, 16), (3, 4, 64, 32))}
     assert shapes["vae_encoder"] == {"sample": ((1, 3, 64, 32), (2, 3, 128, 64), (3, 3, 256, 128))}
     unet_json = next(e for e in plan.engines if e.component == "unet").to_json()["profile"]
     assert unet_json["timestep"] == {"min": [1], "opt": [4], "max": [6]}
@@ -153,8 +154,8 @@ def test_the_vae_encoder_is_built_when_asked(onnx_export, tmp_path):
 
 
 def test_profile_sizes_must_fit_the_vae_factor(onnx_export):
-    profile = ShapeProfile(height=Range(60, 64, 128), width=Range(64, 64, 128))
-    with pytest.raises(InvalidArgument, match="not a multiple of the VAE factor 8"):
+    profile = ShapeProfile(height=Range(62, 64, 128), width=Range(64, 64, 128))
+    with pytest.raises(InvalidArgument, match="not a multiple of the VAE factor 4"):
         plan_engines(onnx_export("fp16"), EngineBuildOptions(profile=profile))
 
 

@@ -20,6 +20,7 @@ from diffusiond.backends.registry import create_backend, warm_up
 from diffusiond.backends.torch_compiled import CACHE_ENV, TorchCompiledOptions
 from diffusiond.cli import backend_settings_from_args, build_parser
 from diffusiond.errors import InvalidArgument
+from diffusiond.models.config import load_model_config
 
 # Fused projections and channels_last change the order of float operations only: measured 4e-7 on the
 # built-in UNet (fp32, CPU), bound 10x above.
@@ -44,10 +45,11 @@ def attention_processors(module) -> set[type]:
     return {type(p) for p in module.attn_processors.values()}
 
 
-def inputs(rows: int = 4):
+def inputs(rows: int = 4, side: int = 16, tokens: int = 32):
+    """UNet inputs at the built-in model's latent size and text length."""
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(rows, 4, 8, 8, generator=g), torch.tensor([999.0, 641.0, 250.0, 21.0][:rows]),
-            torch.randn(rows, 77, 64, generator=g))
+    return (torch.randn(rows, 4, side, side, generator=g), torch.tensor([999.0, 641.0, 250.0, 21.0][:rows]),
+            torch.randn(rows, tokens, 64, generator=g))
 
 
 def test_the_unet_and_vae_decoder_are_prepared_and_compiled_in_place(builtin_dir, compiles, tmp_path, pipeline):
@@ -117,6 +119,7 @@ def test_warm_up_runs_the_profiles_shapes_and_logs_the_time(builtin_dir, compile
     with caplog.at_level(logging.INFO, logger="diffusiond.backends.torch_compiled"):
         warm_up(backend)
     assert backend.warm_up_rows == {"unet": (2, 8), "vae_decoder": (1, 4)}  # profile: 1-4 images of 64x64
-    assert seen == [("unet", (2, 4, 8, 8)), ("unet", (8, 4, 8, 8)),
-                    ("vae_decoder", (1, 4, 8, 8)), ("vae_decoder", (4, 4, 8, 8))]
+    side = load_model_config(builtin_dir).unet_sample_size
+    assert seen == [("unet", (2, 4, side, side)), ("unet", (8, 4, side, side)),
+                    ("vae_decoder", (1, 4, side, side)), ("vae_decoder", (4, 4, side, side))]
     assert "unet at 8 rows, 64x64" in caplog.text and "compiled and warmed up in" in caplog.text
