@@ -34,7 +34,7 @@ def test_server_error_is_one_line(server, tmp_path, capsys):
     code = main(["generate", "a cat", "--width", "65", "-o", str(tmp_path / "x.png"), "--server", server.address])
     assert code == 1
     err = capsys.readouterr().err
-    assert err.strip() == "error: INVALID_ARGUMENT: width: must be a multiple of 8 (the model's latent factor) between 64 and 2048, got 65"
+    assert err.strip() == "error: INVALID_ARGUMENT: width: must be a multiple of 4 (the model's latent factor) between 32 and 2048, got 65"
 
 
 def test_models_command(server, capsys):

@@ -33,11 +33,11 @@ def call(client, request: pb.GenerateRequest) -> ClientError:
     [
         (dict(prompt=""), ["prompt", "must not be empty"]),
         (dict(prompt="   "), ["prompt", "must not be empty"]),
-        (dict(width=65), ["width", "multiple of 8", "65"]),
-        (dict(height=60), ["height", "multiple of 8"]),
-        (dict(width=8), ["width", "between 64 and 2048", "got 8"]),
-        (dict(height=4096), ["height", "between 64 and 2048", "got 4096"]),
-        (dict(width=-64), ["width", "between 64 and 2048"]),
+        (dict(width=65), ["width", "multiple of 4", "65"]),  # the built-in model's latent factor is 4
+        (dict(height=62), ["height", "multiple of 4"]),
+        (dict(width=8), ["width", "between 32 and 2048", "got 8"]),
+        (dict(height=4096), ["height", "between 32 and 2048", "got 4096"]),
+        (dict(width=-64), ["width", "between 32 and 2048"]),
         (dict(steps=-1), ["steps", "between 1 and 200", "got -1"]),
         (dict(steps=201), ["steps", "between 1 and 200", "got 201"]),
         (dict(num_images=9), ["num_images", "between 1 and 8", "got 9"]),

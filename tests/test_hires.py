@@ -67,7 +67,8 @@ def test_hires_strength_zero_is_the_upscaled_first_pass(model, upscaler):
     result = model.pipeline.generate(hires)
     backend, scaling = model.pipeline.backend, model.config.scaling_factor
     if upscaler is Upscaler.LATENT_BICUBIC:
-        latents = conditioning.upscale_latents(torch.from_numpy(first.latents), 16, 16)
+        side = 128 // model.config.vae_scale_factor
+        latents = conditioning.upscale_latents(torch.from_numpy(first.latents), side, side)
     else:
         larger = conditioning.resize_images(small.images_uint8(), 128, 128)
         latents = backend.vae_encode(conditioning.pixels_to_tensor(larger[0])) * scaling
@@ -85,8 +86,8 @@ def test_hires_after_img2img(model):
 
 def test_on_the_built_in_model_hires_fix_redraws_edges_and_keeps_one_shape(model):
     """64 -> 128 with Lanczos 2x and a 0.25 second pass: steeper edges than the 64-pixel image enlarged,
-    and one shape as asked, where text to image at 128 (a size it never saw) draws several on these
-    prompts. (Its edges are steeper still: see README, Images in.)"""
+    and the one shape asked for. (The first built-in model drew several shapes at 128 directly, a size it
+    never saw; v2 draws one there too: see BENCHMARKS.md, Hi-res fix.)"""
     for seed, prompt in enumerate(["a large black triangle on a green background, top",
                                    "a large white triangle on a yellow background, top right"]):
         fields = dict(prompt=prompt, steps=20, seed=seed)
@@ -94,9 +95,8 @@ def test_on_the_built_in_model_hires_fix_redraws_edges_and_keeps_one_shape(model
         enlarged = conditioning.resize_images(small[None], 128, 128)[0]
         hires = model.pipeline.generate(resolve(GenerationParams(
             **fields, hires=HiresParams(scale=2.0, strength=0.25, upscaler=Upscaler.LANCZOS)), model)).images_uint8()[0]
-        direct = model.pipeline.generate(resolve(GenerationParams(**fields, width=128, height=128), model))
         assert edge_steepness(hires) > 1.2 * edge_steepness(enlarged)
-        assert count_shapes(small) == count_shapes(hires) == 1 < count_shapes(direct.images_uint8()[0])
+        assert count_shapes(small) == count_shapes(hires) == 1
 
 
 # -- the batcher, on the scripted backend ----------------------------------------------------------
@@ -213,4 +213,4 @@ def test_hires_with_a_mask_or_too_large_is_refused(client):
     )
     with pytest.raises(ClientError) as info:
         client.generate("x", steps=2, hires="64x32")
-    assert info.value.details == "hires.height: must be a multiple of 8 between the first pass's 64 and 2048, got 32"
+    assert info.value.details == "hires.height: must be a multiple of 4 between the first pass's 64 and 2048, got 32"

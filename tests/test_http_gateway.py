@@ -160,7 +160,7 @@ def test_request_id_header_is_used_when_the_body_has_none(gateway):
         (b'{"prompt": "a fox", "outputFormat": 9}', 400, "INVALID_ARGUMENT", "output_format"),
         (b'{"prompt": "a fox", "model": "nope"}', 404, "NOT_FOUND", "nope"),
         (b'{"prompt": "a fox", "scheduler": "nope"}', 404, "NOT_FOUND", "nope"),
-        (b'{"prompt": "a fox", "width": 65}', 400, "INVALID_ARGUMENT", "multiple of 8"),
+        (b'{"prompt": "a fox", "width": 65}', 400, "INVALID_ARGUMENT", "multiple of 4"),
         (b'{"prompt": "a fox", "requestId": "has space"}', 400, "INVALID_ARGUMENT", "printable ASCII"),
     ],
 )

@@ -23,13 +23,14 @@ def test_list_models(client, builtin_dir):
     (info,) = client.list_models()
     assert info.name == "builtin" and info.is_default
     assert (info.backend, info.device, info.dtype) == ("torch", "cpu", "fp32")
-    assert (info.default_width, info.default_height, info.size_multiple) == (64, 64, 8)
+    assert (info.default_width, info.default_height, info.size_multiple) == (64, 64, 4)  # latent factor 4
     # The built-in model's own defaults: its scheduler config and its diffusiond.json.
     defaults = json.loads((builtin_dir / "diffusiond.json").read_text())
     assert info.default_scheduler == "dpmpp_2m"
     assert info.default_steps == defaults["default_steps"] != 30
     assert info.default_guidance_scale == pytest.approx(defaults["default_guidance_scale"])
-    assert set(SCHEDULERS) <= set(info.schedulers)
+    # Zero terminal SNR: every scheduler that can rescale its betas, and none that cannot.
+    assert set(info.schedulers) == set(SCHEDULERS) - {"pndm", "lms", "lms_karras"}
     vae = json.loads((builtin_dir / "vae" / "config.json").read_text())
     assert info.latent_channels == 4 and info.latent_scaling_factor == pytest.approx(vae["scaling_factor"])
     images = info.image_inputs
@@ -74,7 +75,7 @@ def test_builtin_is_a_standard_diffusers_layout(builtin_dir):
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (builtin_dir / sub).is_dir()
     config = load_model_config(builtin_dir)
-    assert (config.vae_scale_factor, config.latent_channels, config.default_size) == (8, 4, 64)
+    assert (config.vae_scale_factor, config.latent_channels, config.default_size) == (4, 4, 64)
 
 
 def test_model_source_parsing():

@@ -117,7 +117,9 @@ def test_expected_output_shapes_come_from_the_descriptors(builtin_dir):
     descriptors = descriptors_for(builtin_dir)
     unet = {"sample": torch.zeros(3, 4, 9, 8), "timestep": torch.zeros(3), "encoder_hidden_states": torch.zeros(3, 77, 64)}
     assert expected_output_shape(descriptors[UNET], "out_sample", unet) == (3, 4, 9, 8)
-    assert expected_output_shape(descriptors[VAE_DECODER], "sample", {"latent_sample": torch.zeros(2, 4, 9, 8)}) == (2, 3, 72, 64)
+    factor = load_model_config(builtin_dir).vae_scale_factor
+    assert expected_output_shape(descriptors[VAE_DECODER], "sample",
+                                 {"latent_sample": torch.zeros(2, 4, 9, 8)}) == (2, 3, 9 * factor, 8 * factor)
     assert expected_output_shape(descriptors[UNET], "another_name", unet) is None
     for one_per_call in (torch.zeros(1), torch.tensor(5.0)):  # the rows are the sample's
         assert expected_output_shape(descriptors[UNET], "out_sample", {**unet, "timestep": one_per_call}) == (3, 4, 9, 8)

@@ -122,7 +122,8 @@ def test_a_hires_pass_starts_with_a_full_pass_and_caches_within_itself(model, pi
     finally:
         pipeline.backend = inner
     assert [kind for kind, _ in calls] == ["full", "shallow"] * 4
-    assert [size for _, size in calls] == [8] * 4 + [16] * 4
+    side = model.config.unet_sample_size
+    assert [size for _, size in calls] == [side] * 4 + [2 * side] * 4
     assert result.images.shape == (1, 128, 128, 3)
 
 
@@ -150,7 +151,7 @@ def test_step_cache_requests_are_checked(model):
 
 def test_step_caching_over_grpc(client):
     (info,) = client.list_models()
-    assert list(info.step_cache_depths) == [1, 2, 3] and info.default_cache_interval == 1
+    assert list(info.step_cache_depths) == [1, 2] and info.default_cache_interval == 1  # a 3-level UNet
     result = client.generate(PROMPT, seed=5, steps=4, cache_interval=2)
     assert "Step cache: every 2 at depth 1" in result.images[0].to_pil().text["parameters"]
     with pytest.raises(ClientError) as info:

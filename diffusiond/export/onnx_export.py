@@ -212,7 +212,7 @@ def tool_versions() -> dict[str, str]:
 
 
 def tested_shapes(descriptor: NetworkDescriptor, profile: ShapeProfile) -> list[tuple[int, int, int]]:
-    """Two batch sizes and two image sizes, one of them non-square with latents not a multiple of 8."""
+    """Two batch sizes and two image sizes, one of them non-square and not a multiple of 8 latent pixels."""
     f = descriptor.dims.vae_scale_factor
     h, w = profile.height.min, profile.width.min
     return [(1, h, w), (2, h + f, w + 2 * f)]
