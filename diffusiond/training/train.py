@@ -16,9 +16,12 @@ Three stages, one after the other:
    encoding once rather than every step saves a third of the diffusion stage;
 3. ``diffusion``: UNet and text encoder together, from scratch, on latents
    from that pool: epsilon or v prediction (the scheduler config's
-   ``prediction_type``) on SD's noise schedule, the x0 error weighted by
+   ``prediction_type``) on the recipe's noise schedule (the built-in model's is
+   SD's rescaled to zero terminal SNR), the x0 error weighted by
    min-SNR plus ``high_noise_weight``, captions dropped 10% of the time (for
-   classifier-free guidance), an exponential moving average of the weights;
+   classifier-free guidance), an auxiliary loss that makes the text encoder
+   keep every caption attribute readable (``text_attribute_weight``), an
+   exponential moving average of the weights;
 4. ``decoder`` (when the recipe has ``decoder_steps``): the VAE's decoder alone
    on the pool's latents against the images they encode, the encoder frozen,
    so the latents the UNet learned are unchanged and corners come out sharper.
