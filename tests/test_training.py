@@ -42,7 +42,8 @@ def test_resumed_run_equals_uninterrupted_run(straight, tmp_path):
     while not Trainer(MICRO, tmp_path, budget_s=0, progress=False).run():
         rounds += 1
         assert rounds < 20
-    assert rounds == MICRO.vae_steps - 1 + MICRO.diffusion_steps - 1 + MICRO.decoder_steps - 1
+    assert rounds == sum(steps - 1 for steps in (MICRO.vae_steps, MICRO.diffusion_steps, MICRO.decoder_steps,
+                                                  MICRO.refine_steps))
     resumed = Trainer(MICRO, tmp_path, progress=False)
     assert resumed.stage == "done"
     assert resumed.scaling_factor == straight.scaling_factor
@@ -56,20 +57,41 @@ def test_the_fingerprint_covers_what_decides_the_weights_and_not_the_sampling_de
     assert MICRO.replace(default_guidance_scale=7.5, default_steps=30).fingerprint() == MICRO.fingerprint()
     assert MICRO.replace(text_attribute_weight=0.0).fingerprint() != MICRO.fingerprint()
     assert MICRO.replace(decoder_lr=1e-3).fingerprint() != MICRO.fingerprint()
+    assert MICRO.replace(refine_shape_weight=2.0).fingerprint() != MICRO.fingerprint()
+    # A skipped stage's settings decide nothing, so they leave the fingerprint alone.
+    without = MICRO.replace(refine_steps=0)
+    assert without.replace(refine_shape_weight=2.0).fingerprint() == without.fingerprint() != MICRO.fingerprint()
 
 
-def test_decoder_stage_extends_a_finished_run_exactly(straight, tmp_path):
-    without = MICRO.replace(decoder_steps=0)
-    assert without.fingerprint() == without.fingerprint_before_decoder() == MICRO.fingerprint_before_decoder()
+@pytest.mark.parametrize("stage", ["decoder", "refine"])
+def test_an_optional_stage_extends_a_finished_run_exactly(straight, tmp_path, stage):
+    without = MICRO.without_stages_from(stage)
     assert Trainer(without, tmp_path, progress=False).run()
     finished = _weights(Trainer(without, tmp_path, progress=False))
-    assert not torch.equal(finished["vae.decoder.conv_out.weight"], _weights(straight)["vae.decoder.conv_out.weight"])
+    changed = "vae.decoder.conv_out.weight" if stage == "decoder" else "unet.conv_out.weight"
+    assert not torch.equal(finished[changed], _weights(straight)[changed])
     extended = Trainer(MICRO, tmp_path, progress=False)
-    assert extended.stage == "decoder"
+    assert extended.stage == stage
     assert extended.run()
     ours, theirs = _weights(extended), _weights(straight)
     assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
     assert torch.equal(ours["vae.encoder.conv_in.weight"], finished["vae.encoder.conv_in.weight"])  # frozen
+
+
+def test_refine_weights_the_shape_and_draws_more_small_shapes(straight):
+    from diffusiond.training import dataset
+    from diffusiond.training.train import data_seed, stage_generator
+
+    picked = straight._pick_by_size(stage_generator(0, "refine", 0), 400, 0.75)
+    sizes = [straight.train_scenes[i].size for i in straight.pool["scene"][picked].tolist()]
+    assert 0.65 < sizes.count("small") / len(sizes) < 0.85
+    # The coverage the refine stage weights is the very shape drawn in the training image.
+    seed = data_seed(MICRO.seed, "latents")
+    scene, image = dataset.sample(straight.train_scenes, seed, 7)
+    covered = dataset.sample_coverage(straight.train_scenes, seed, 7) > 0.5
+    background = np.array(dataset.COLOURS[scene.background])
+    differs = np.abs(image.astype(int) - background).sum(axis=-1) > 60
+    assert covered.sum() > 50 and (covered == differs).mean() > 0.97
 
 
 def test_training_changes_the_weights(straight, tmp_path):

@@ -2,7 +2,7 @@
 
     python -m diffusiond.training.train --work runs/builtin --out diffusiond/models/builtin_weights
 
-Three stages, one after the other:
+Stages, one after the other:
 
 1. ``vae``: the autoencoder alone (L1 reconstruction plus a tiny KL term, as
    Stable Diffusion's VAE), on freshly drawn images: first on 32x32 crops
@@ -24,9 +24,14 @@ Three stages, one after the other:
    exponential moving average of the weights;
 4. ``decoder`` (when the recipe has ``decoder_steps``): the VAE's decoder alone
    on the pool's latents against the images they encode, the encoder frozen,
-   so the latents the UNet learned are unchanged and corners come out sharper.
-   A run finished without this stage can be given it later: the same command
-   with the stage's fields set resumes it there.
+   so the latents the UNet learned are unchanged and corners come out sharper;
+5. ``refine`` (when the recipe has ``refine_steps``): UNet and text encoder
+   again, from their EMA weights, on batches with more small shapes, each
+   latent pixel's error weighted by how much of the shape it holds, so the
+   few pixels that tell a small square from a small circle count.
+
+A run finished without the optional stages (4 and 5) can be given them later:
+the same command with the stage's fields set resumes it there.
 
 Every random draw at step *n* comes from generators seeded by (seed, stage, n),
 so a run is reproducible step by step and a resumed run continues exactly as an
@@ -56,12 +61,12 @@ from diffusiond.models import latent_rgb
 from diffusiond.models.synthetic import WORDS, write_pipeline_files
 from diffusiond.models.tokenizer_files import write_clip_tokenizer
 from diffusiond.training import dataset, preview_projection
-from diffusiond.training.recipe import RECIPES, Recipe
+from diffusiond.training.recipe import OPTIONAL_STAGES, RECIPES, Recipe
 
 log = logging.getLogger(__name__)
 
-STAGES = ("vae", "latents", "diffusion", "decoder", "done")
-_STAGE_SEED = {"vae": 1, "latents": 2, "diffusion": 3, "decoder": 4}
+STAGES = ("vae", "latents", "diffusion", "decoder", "refine", "done")
+_STAGE_SEED = {"vae": 1, "latents": 2, "diffusion": 3, "decoder": 4, "refine": 5}
 CHECKPOINT = "checkpoint.pt"
 LATENT_POOL = "latents.pt"
 SERVING_DEFAULTS = "diffusiond.json"
@@ -223,6 +228,7 @@ class Trainer:
         self.clock = Clock()
         self.losses: dict[str, float] = {}
         self.pool: dict[str, torch.Tensor] | None = None
+        self._by_size: tuple[torch.Tensor, torch.Tensor] | None = None  # pool indices of small and large shapes
         if vae_from is not None and not self.checkpoint_path.is_file():
             self._take_vae(vae_from)
         self._load_checkpoint()
@@ -237,8 +243,8 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        extends = state["recipe"] == self.recipe.fingerprint_before_decoder() != self.recipe.fingerprint()
-        if state["recipe"] != self.recipe.fingerprint() and not extends:
+        extends = self._extended_stage(state["recipe"])
+        if state["recipe"] != self.recipe.fingerprint() and extends is None:
             raise SystemExit(
                 f"{self.checkpoint_path} belongs to another recipe ({state['recipe']}, this is "
                 f"{self.recipe.fingerprint()}); use another --work directory or delete it"
@@ -258,10 +264,17 @@ class Trainer:
         self.losses = state.get("losses", {})
         if "decoder_opt" in state:
             self.decoder_opt.load_state_dict(state["decoder_opt"])
-        if extends and self.stage == "done":  # the same run, with a decoder stage added after it
-            self.stage, self.step = "decoder", 0
-            log.info("%s finished without a decoder stage; adding it", self.checkpoint_path)
+        if extends is not None and self.stage == "done":  # the same run, with optional stages added after it
+            self.stage, self.step = extends, 0
+            log.info("%s finished before the %s stage; going on into it", self.checkpoint_path, extends)
         log.info("resumed %s at stage %s, step %d", self.checkpoint_path, self.stage, self.step)
+
+    def _extended_stage(self, saved: str) -> str | None:
+        """The first optional stage this recipe adds to a run saved under fingerprint ``saved``, if any."""
+        for stage in OPTIONAL_STAGES:
+            if getattr(self.recipe, f"{stage}_steps") and saved == self.recipe.without_stages_from(stage).fingerprint():
+                return stage
+        return None
 
     def _take_vae(self, other_work_dir: Path) -> None:
         """Start from another run's finished autoencoder (same autoencoder recipe), skipping stage 1."""
@@ -309,7 +322,7 @@ class Trainer:
         try:
             while self.stage != "done":
                 total = {"vae": self.recipe.vae_steps, "diffusion": self.recipe.diffusion_steps,
-                         "decoder": self.recipe.decoder_steps}.get(self.stage)
+                         "decoder": self.recipe.decoder_steps, "refine": self.recipe.refine_steps}.get(self.stage)
                 if total is None:  # the latents stage is one quick pass
                     self._measure_latents()
                     self._next_stage()
@@ -317,7 +330,7 @@ class Trainer:
                 bar = self._bar(total)
                 while self.step < total:
                     loss = {"vae": self._vae_step, "diffusion": self._diffusion_step,
-                            "decoder": self._decoder_step}[self.stage]()
+                            "decoder": self._decoder_step, "refine": self._refine_step}[self.stage]()
                     self.step += 1
                     self.losses[self.stage] = loss
                     if bar is not None:
@@ -419,15 +432,60 @@ class Trainer:
             rows.append(ids)
         return torch.stack(rows)
 
+    def _pool(self) -> dict[str, torch.Tensor]:
+        if self.pool is None:
+            self.pool = torch.load(self.work_dir / LATENT_POOL, weights_only=True)
+        return self.pool
+
     def _diffusion_step(self) -> float:
         r = self.recipe
         g = stage_generator(r.seed, "diffusion", self.step)
-        if self.pool is None:
-            self.pool = torch.load(self.work_dir / LATENT_POOL, weights_only=True)
-        picked = torch.randint(0, len(self.pool["scene"]), (r.diffusion_batch,), generator=g)
-        mean, std = self.pool["mean"][picked], self.pool["std"][picked]
+        picked = torch.randint(0, len(self._pool()["scene"]), (r.diffusion_batch,), generator=g)
+        lr = learning_rate(r.lr, self.step, r.diffusion_steps, r.warmup_steps, r.final_lr_fraction)
+        return self._denoising_step(g, picked, lr, pixel_weight=None)
+
+    def _refine_step(self) -> float:
+        """The diffusion step again, from the EMA weights, on more small shapes, the shape's pixels weighted up."""
+        r = self.recipe
+        g = stage_generator(r.seed, "refine", self.step)
+        if self.step == 0:  # fine-tune the weights the diffusion stage would have shipped
+            with torch.no_grad():
+                for param, shadow in zip(self.diffusion_params, self.ema):
+                    param.copy_(shadow)
+        picked = self._pick_by_size(g, r.refine_batch, r.refine_small_fraction)
+        seed = data_seed(r.seed, "latents")
+        coverage = torch.from_numpy(np.stack([
+            dataset.sample_coverage(self.train_scenes, seed, i) for i in picked.tolist()
+        ])).unsqueeze(1)
+        factor = 2 ** (len(r.vae["block_out_channels"]) - 1)
+        shape = F.max_pool2d(F.avg_pool2d(coverage, factor), 3, stride=1, padding=1)
+        lr = learning_rate(r.refine_lr, self.step, r.refine_steps, r.vae_warmup_steps, r.final_lr_fraction)
+        return self._denoising_step(g, picked, lr, pixel_weight=1.0 + r.refine_shape_weight * shape)
+
+    def _pick_by_size(self, g: torch.Generator, count: int, small_fraction: float) -> torch.Tensor:
+        """``count`` latent-pool indices, each a small shape with probability ``small_fraction``."""
+        if self._by_size is None:
+            is_small = torch.tensor([self.train_scenes[i].size == "small" for i in self._pool()["scene"].tolist()])
+            self._by_size = (is_small.nonzero().flatten(), (~is_small).nonzero().flatten())
+        small, large = self._by_size
+        want_small = torch.rand(count, generator=g) < small_fraction
+        from_small = small[torch.randint(0, len(small), (count,), generator=g)]
+        from_large = large[torch.randint(0, len(large), (count,), generator=g)]
+        return torch.where(want_small, from_small, from_large)
+
+    def _denoising_step(
+        self, g: torch.Generator, picked: torch.Tensor, lr: float, pixel_weight: torch.Tensor | None
+    ) -> float:
+        """One optimiser step of UNet and text encoder on the latent-pool entries ``picked``.
+
+        ``pixel_weight`` ([B, 1, h, w], latent grid) weights each latent pixel's error within its row; each
+        row's weight map is normalised to mean 1, so the row's weight is still the timestep's alone.
+        """
+        r = self.recipe
+        pool = self._pool()
+        mean, std = pool["mean"][picked], pool["std"][picked]
         latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.scaling_factor
-        scenes = [self.train_scenes[i] for i in self.pool["scene"][picked].tolist()]
+        scenes = [self.train_scenes[i] for i in pool["scene"][picked].tolist()]
         captions = [scene.caption for scene in scenes]
         batch = latents.shape[0]
         timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=g)
@@ -443,7 +501,10 @@ class Trainer:
         context = encoded[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         target, weight = loss_target_and_weight(r, latents, noise, ab)
-        loss = (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        error = F.mse_loss(prediction, target, reduction="none")
+        if pixel_weight is not None:
+            error = error * (pixel_weight / pixel_weight.mean(dim=(2, 3), keepdim=True))
+        loss = (weight * error.mean(dim=(1, 2, 3))).mean()
         kept = [i for i, drop in enumerate(dropped.tolist()) if not drop]
         if r.text_attribute_weight and kept:
             pooled = encoded[1][kept]
@@ -452,7 +513,7 @@ class Trainer:
                 loss = loss + r.text_attribute_weight * F.cross_entropy(self.attribute_heads[name](pooled), labels)
 
         for group in self.diffusion_opt.param_groups:
-            group["lr"] = learning_rate(r.lr, self.step, r.diffusion_steps, r.warmup_steps, r.final_lr_fraction)
+            group["lr"] = lr
         self.diffusion_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.diffusion_params, 1.0)
@@ -467,10 +528,9 @@ class Trainer:
         """The decoder alone on the latent pool's samples, against the very images they were encoded from."""
         r = self.recipe
         g = stage_generator(r.seed, "decoder", self.step)
-        if self.pool is None:
-            self.pool = torch.load(self.work_dir / LATENT_POOL, weights_only=True)
-        picked = torch.randint(0, len(self.pool["scene"]), (r.decoder_batch,), generator=g)
-        mean, std = self.pool["mean"][picked], self.pool["std"][picked]
+        pool = self._pool()
+        picked = torch.randint(0, len(pool["scene"]), (r.decoder_batch,), generator=g)
+        mean, std = pool["mean"][picked], pool["std"][picked]
         latents = mean + std * torch.randn(mean.shape, generator=g)
         seed = data_seed(r.seed, "latents")
         images = to_tensor(np.stack([dataset.sample(self.train_scenes, seed, i)[1] for i in picked.tolist()]))
