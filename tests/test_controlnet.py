@@ -257,6 +257,9 @@ def test_controlnet_training_is_seeded_and_resumes_exactly(builtin_dir, tmp_path
     recipe = ControlRecipe(steps=2, batch=2, pool_size=8, warmup_steps=1)
     straight = ControlTrainer(recipe, builtin_dir, tmp_path / "a", None, progress=False)
     assert straight.run()
+    # The pool knows where each shape is and its size, for the shape-weighted loss and small-shape draws.
+    assert straight.pool["coverage"].shape == (8, 1, 64, 64) and straight.pool["coverage"].dtype == torch.uint8
+    assert straight.pool["small"].tolist() == [c.startswith("a small") for c in straight.pool["captions"]]
     first = ControlTrainer(replace(recipe), builtin_dir, tmp_path / "b", budget_s=0.0, progress=False)
     assert not first.run() and first.step == 1  # out of budget after one step, checkpointed
     resumed = ControlTrainer(recipe, builtin_dir, tmp_path / "b", None, progress=False)

@@ -80,18 +80,40 @@ def test_an_optional_stage_extends_a_finished_run_exactly(straight, tmp_path, st
 
 def test_refine_weights_the_shape_and_draws_more_small_shapes(straight):
     from diffusiond.training import dataset
-    from diffusiond.training.train import data_seed, stage_generator
+    from diffusiond.training.train import data_seed, pick_by_size, shape_weight_map, stage_generator
 
-    picked = straight._pick_by_size(stage_generator(0, "refine", 0), 400, 0.75)
-    sizes = [straight.train_scenes[i].size for i in straight.pool["scene"][picked].tolist()]
-    assert 0.65 < sizes.count("small") / len(sizes) < 0.85
+    is_small = torch.arange(1000) % 2 == 0
+    picked = pick_by_size(is_small, stage_generator(0, "refine", 0), 400, 0.75)
+    assert 0.65 < is_small[picked].float().mean() < 0.85
     # The coverage the refine stage weights is the very shape drawn in the training image.
     seed = data_seed(MICRO.seed, "latents")
     scene, image = dataset.sample(straight.train_scenes, seed, 7)
-    covered = dataset.sample_coverage(straight.train_scenes, seed, 7) > 0.5
+    same_scene, coverage = dataset.sample_coverage(straight.train_scenes, seed, 7)
+    assert same_scene == scene
+    covered = coverage > 0.5
     background = np.array(dataset.COLOURS[scene.background])
     differs = np.abs(image.astype(int) - background).sum(axis=-1) > 60
     assert covered.sum() > 50 and (covered == differs).mean() > 0.97
+    # On the latent grid: the weight is 1 far from the shape and 1 + shape_weight where it covers a whole pixel.
+    coverage = torch.from_numpy(coverage)[None, None]
+    weight = shape_weight_map(coverage, 4, 8.0)[0, 0]
+    assert weight.shape == (16, 16) and weight.min() == 1.0 and weight.max() == 9.0
+    assert 4 < int((weight > 1).sum()) < 120
+
+
+def test_the_pixel_weight_moves_the_loss_within_a_row_not_between_rows():
+    from diffusiond.training.train import denoising_loss
+
+    prediction, target = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    prediction[:, :, 0, 0] = 1.0  # an error in one pixel of each row
+    row_weight = torch.tensor([1.0, 3.0])
+    plain = denoising_loss(prediction, target, row_weight)
+    assert plain.item() == pytest.approx((1 + 3) / 2 / 64)
+    uniform = denoising_loss(prediction, target, row_weight, torch.full((2, 1, 8, 8), 5.0))
+    assert uniform.item() == pytest.approx(plain.item())
+    on_error = torch.ones(2, 1, 8, 8)
+    on_error[:, :, 0, 0] = 9.0  # that pixel weighted up: its share of each row's mean weight grows
+    assert denoising_loss(prediction, target, row_weight, on_error).item() == pytest.approx(plain.item() * 9 * 64 / 72)
 
 
 def test_training_changes_the_weights(straight, tmp_path):
@@ -141,3 +163,12 @@ def test_command_line_resumes_and_exports(tmp_path):
     assert not (tmp_path / "out").exists()
     assert main(args) == 0
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_the_shipped_built_in_model_is_what_the_builtin_recipe_trains():
+    from diffusiond.models.builtin import builtin_model_dir
+
+    record = json.loads((builtin_model_dir() / "training.json").read_text())
+    assert record["stage"] == "done"
+    assert record["recipe_fingerprint"] == RECIPES["builtin"].fingerprint()
+    assert record["recipe"] == RECIPES["builtin"].as_dict()

@@ -207,13 +207,14 @@ def sample(scenes: tuple[Scene, ...], seed: int, index: int, style: str = "plain
     return scene, render(scene, place(scene, rng), style)
 
 
-def sample_coverage(scenes: tuple[Scene, ...], seed: int, index: int) -> np.ndarray:
-    """How much of each pixel example ``index`` of ``sample``'s stream has its shape cover, in [0, 1] [64, 64]."""
+def sample_coverage(scenes: tuple[Scene, ...], seed: int, index: int) -> tuple[Scene, np.ndarray]:
+    """Example ``index`` of ``sample``'s stream, as its scene and how much of each pixel its shape covers
+    (float [64, 64] in [0, 1]): where the shape is, for losses that weight it."""
     rng = random.Random(seed * 1_000_003 + index)
     scene = scenes[rng.randrange(len(scenes))]
     p = place(scene, rng)
     h = p.side / 2
-    return coverage(scene.shape, (p.cx - h, p.cy - h, p.cx + h, p.cy + h))
+    return scene, coverage(scene.shape, (p.cx - h, p.cy - h, p.cx + h, p.cy + h))
 
 
 def batch(scenes: tuple[Scene, ...], seed: int, start: int, count: int) -> tuple[list[str], np.ndarray]:

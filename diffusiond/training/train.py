@@ -147,6 +147,39 @@ def prediction_target_and_weight(
     raise ValueError(f"the scheduler has prediction_type {prediction_type!r}; train epsilon or v_prediction")
 
 
+def shape_weight_map(coverage: torch.Tensor, latent_factor: int, shape_weight: float) -> torch.Tensor:
+    """Each latent pixel's loss weight: 1 + ``shape_weight`` x how much of the shape it holds.
+
+    ``coverage`` [B, 1, H, W] (image pixels, in [0, 1]) is average-pooled to the latent grid and dilated by
+    one latent pixel, so the shape's edges and the background just outside them (where a corner is cut or
+    kept) count as the shape.
+    """
+    shape = F.max_pool2d(F.avg_pool2d(coverage, latent_factor), 3, stride=1, padding=1)
+    return 1.0 + shape_weight * shape
+
+
+def pick_by_size(is_small: torch.Tensor, g: torch.Generator, count: int, small_fraction: float) -> torch.Tensor:
+    """``count`` indices into a pool whose entries ``is_small`` marks, each small with probability
+    ``small_fraction`` (uniformly, when the pool holds only one size)."""
+    small, large = is_small.nonzero().flatten(), (~is_small).nonzero().flatten()
+    if len(small) == 0 or len(large) == 0:
+        return torch.randint(0, len(is_small), (count,), generator=g)
+    want_small = torch.rand(count, generator=g) < small_fraction
+    from_small = small[torch.randint(0, len(small), (count,), generator=g)]
+    from_large = large[torch.randint(0, len(large), (count,), generator=g)]
+    return torch.where(want_small, from_small, from_large)
+
+
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor,
+                   pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted mean squared error. ``pixel_weight`` ([B, 1, h, w]) weights latent pixels within a row,
+    normalised to mean 1 per row, so each row's weight is still ``row_weight``'s (its timestep's) alone."""
+    error = F.mse_loss(prediction, target, reduction="none")
+    if pixel_weight is not None:
+        error = error * (pixel_weight / pixel_weight.mean(dim=(2, 3), keepdim=True))
+    return (row_weight.flatten() * error.mean(dim=(1, 2, 3))).mean()
+
+
 @dataclass
 class Clock:
     """Wall and CPU (user + sys, all threads) seconds spent training, summed over resumed runs."""
@@ -228,7 +261,7 @@ class Trainer:
         self.clock = Clock()
         self.losses: dict[str, float] = {}
         self.pool: dict[str, torch.Tensor] | None = None
-        self._by_size: tuple[torch.Tensor, torch.Tensor] | None = None  # pool indices of small and large shapes
+        self._is_small: torch.Tensor | None = None  # per latent-pool entry: is its shape small?
         if vae_from is not None and not self.checkpoint_path.is_file():
             self._take_vae(vae_from)
         self._load_checkpoint()
@@ -452,35 +485,22 @@ class Trainer:
             with torch.no_grad():
                 for param, shadow in zip(self.diffusion_params, self.ema):
                     param.copy_(shadow)
-        picked = self._pick_by_size(g, r.refine_batch, r.refine_small_fraction)
+        if self._is_small is None:
+            self._is_small = torch.tensor([self.train_scenes[i].size == "small" for i in self._pool()["scene"].tolist()])
+        picked = pick_by_size(self._is_small, g, r.refine_batch, r.refine_small_fraction)
         seed = data_seed(r.seed, "latents")
         coverage = torch.from_numpy(np.stack([
-            dataset.sample_coverage(self.train_scenes, seed, i) for i in picked.tolist()
+            dataset.sample_coverage(self.train_scenes, seed, i)[1] for i in picked.tolist()
         ])).unsqueeze(1)
-        factor = 2 ** (len(r.vae["block_out_channels"]) - 1)
-        shape = F.max_pool2d(F.avg_pool2d(coverage, factor), 3, stride=1, padding=1)
+        pixel_weight = shape_weight_map(coverage, 2 ** (len(r.vae["block_out_channels"]) - 1), r.refine_shape_weight)
         lr = learning_rate(r.refine_lr, self.step, r.refine_steps, r.vae_warmup_steps, r.final_lr_fraction)
-        return self._denoising_step(g, picked, lr, pixel_weight=1.0 + r.refine_shape_weight * shape)
-
-    def _pick_by_size(self, g: torch.Generator, count: int, small_fraction: float) -> torch.Tensor:
-        """``count`` latent-pool indices, each a small shape with probability ``small_fraction``."""
-        if self._by_size is None:
-            is_small = torch.tensor([self.train_scenes[i].size == "small" for i in self._pool()["scene"].tolist()])
-            self._by_size = (is_small.nonzero().flatten(), (~is_small).nonzero().flatten())
-        small, large = self._by_size
-        want_small = torch.rand(count, generator=g) < small_fraction
-        from_small = small[torch.randint(0, len(small), (count,), generator=g)]
-        from_large = large[torch.randint(0, len(large), (count,), generator=g)]
-        return torch.where(want_small, from_small, from_large)
+        return self._denoising_step(g, picked, lr, pixel_weight)
 
     def _denoising_step(
         self, g: torch.Generator, picked: torch.Tensor, lr: float, pixel_weight: torch.Tensor | None
     ) -> float:
-        """One optimiser step of UNet and text encoder on the latent-pool entries ``picked``.
-
-        ``pixel_weight`` ([B, 1, h, w], latent grid) weights each latent pixel's error within its row; each
-        row's weight map is normalised to mean 1, so the row's weight is still the timestep's alone.
-        """
+        """One optimiser step of UNet and text encoder on the latent-pool entries ``picked``
+        (``pixel_weight``: see ``denoising_loss``)."""
         r = self.recipe
         pool = self._pool()
         mean, std = pool["mean"][picked], pool["std"][picked]
@@ -501,10 +521,7 @@ class Trainer:
         context = encoded[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         target, weight = loss_target_and_weight(r, latents, noise, ab)
-        error = F.mse_loss(prediction, target, reduction="none")
-        if pixel_weight is not None:
-            error = error * (pixel_weight / pixel_weight.mean(dim=(2, 3), keepdim=True))
-        loss = (weight * error.mean(dim=(1, 2, 3))).mean()
+        loss = denoising_loss(prediction, target, weight, pixel_weight)
         kept = [i for i, drop in enumerate(dropped.tolist()) if not drop]
         if r.text_attribute_weight and kept:
             pooled = encoded[1][kept]
