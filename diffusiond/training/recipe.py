@@ -3,7 +3,7 @@
 The architecture is Stable Diffusion's classes (AutoencoderKL with 4 latent
 channels; UNet2DConditionModel with cross-attention at every level but the
 lowest; a CLIP text encoder and a CLIP-format tokenizer), scaled down until the
-whole model trains on a 2-core CPU within about an hour.
+whole model trains on a 2-core CPU in about 75 minutes.
 
 The autoencoder has three levels, not SD's four: a latent factor of 4, so a
 64x64 image is a 16x16x4 latent. At SD's factor 8 (8x8 latents) a small shape
@@ -121,11 +121,12 @@ class Recipe:
     # coverage, pooled to the latent grid and dilated by one latent pixel) weighted refine_shape_weight times
     # more than the background's, and small shapes drawn refine_small_fraction of the time (half the pool is
     # small). Over a 16x16 latent a small shape is about 12 of 256 pixels: its corners were a sliver of the
-    # loss, and small squares and triangles came out round.
-    refine_steps: int = 0
+    # loss, and small squares and triangles came out round (shape read right 73.0% of the time before this
+    # stage, 89.5% after it; weight 4 gave 88.5%).
+    refine_steps: int = 800
     refine_batch: int = 64
     refine_lr: float = 2e-4
-    refine_shape_weight: float = 4.0
+    refine_shape_weight: float = 8.0
     refine_small_fraction: float = 0.75
     # Sampling defaults written into the model (diffusiond.json / scheduler_config.json).
     default_scheduler_class: str = "DPMSolverMultistepScheduler"
