@@ -48,11 +48,11 @@ def test_builtin_model_draws_the_held_out_prompts(tmp_path, capsys):
     assert (report["backend"], report["precision"], report["num_prompts"]) == ("torch", "fp32", 16)
     assert report["steps"] == json.loads((_builtin() / "diffusiond.json").read_text())["default_steps"]
     assert len(report["prompts"]) == 16 and report["prompts"][0]["seed"] == 0
-    # Chance is 1/8 for colours, 1/3 for shapes, 1/2 for sizes: a random-weight model fails this.
-    # (Position is not asserted: the shipped model places shapes where the noise puts them, see BENCHMARKS.md.)
+    # Chance is 1/8 for colours, 1/3 for shapes, 1/9 for positions, 1/2 for sizes. On these 16 prompts the
+    # shipped model reads 100% on every attribute but shape (15 of 16); on 200, shape 89.5% (BENCHMARKS.md).
     scores = report["scores"]
-    assert scores["colour"] >= 0.75 and scores["background"] >= 0.9
-    assert scores["shape"] >= 0.5 and scores["size"] >= 0.9
+    assert scores["colour"] >= 0.9 and scores["background"] >= 0.9 and scores["size"] >= 0.9
+    assert scores["shape"] >= 0.75 and scores["position"] >= 0.8
 
 
 def test_eval_is_deterministic():

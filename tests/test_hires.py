@@ -86,8 +86,8 @@ def test_hires_after_img2img(model):
 
 def test_on_the_built_in_model_hires_fix_redraws_edges_and_keeps_one_shape(model):
     """64 -> 128 with Lanczos 2x and a 0.25 second pass: steeper edges than the 64-pixel image enlarged,
-    and the one shape asked for. (The first built-in model drew several shapes at 128 directly, a size it
-    never saw; v2 draws one there too: see BENCHMARKS.md, Hi-res fix.)"""
+    and the one shape asked for. (Directly at 128, a size it never saw, the built-in model draws 2.4 shapes
+    on average: see BENCHMARKS.md, Hi-res fix.)"""
     for seed, prompt in enumerate(["a large black triangle on a green background, top",
                                    "a large white triangle on a yellow background, top right"]):
         fields = dict(prompt=prompt, steps=20, seed=seed)

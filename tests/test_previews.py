@@ -23,9 +23,9 @@ from diffusiond.service.resolver import GenerationParams, PreviewParams, preview
 from diffusiond.training import dataset
 
 # The last step's APPROX_RGB preview against the final image box-filtered to the preview's size (16x16: one
-# colour per latent pixel), on the built-in model v2 (BENCHMARKS.md, "Previews"): over 32 held-out prompts the
-# shipped projection measured 17.1 dB mean, 11.3 worst (32.5 levels mean error); SD 1.x's factors, which every
-# model got before, 8.4 dB mean, 5.0 worst (85.2 levels). The bounds leave about 2 and 3.5 dB of margin.
+# colour per latent pixel), on the built-in model v3 (BENCHMARKS.md, "Previews"): over 32 held-out prompts the
+# shipped projection measured 17.2 dB mean, 11.2 worst (32.4 levels mean error); SD 1.x's factors, which every
+# model got before, 8.4 dB mean, 5.1 worst (85.4 levels). The bounds leave about 2 and 3.5 dB of margin.
 MIN_PSNR_DB = 9.0  # every prompt, with the shipped projection
 MIN_GAIN_DB = 5.0  # mean PSNR, the shipped projection over SD 1.x's factors
 
