@@ -260,6 +260,12 @@ def test_controlnet_training_is_seeded_and_resumes_exactly(builtin_dir, tmp_path
     # The pool knows where each shape is and its size, for the shape-weighted loss and small-shape draws.
     assert straight.pool["coverage"].shape == (8, 1, 64, 64) and straight.pool["coverage"].dtype == torch.uint8
     assert straight.pool["small"].tolist() == [c.startswith("a small") for c in straight.pool["captions"]]
+    # A pool made before the shape-weighted loss (no coverage) is made again, not used half-filled.
+    old = {k: v for k, v in straight.pool.items() if k not in ("coverage", "small")}
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "controlnet_pool.pt")
+    remade = ControlTrainer(recipe, builtin_dir, tmp_path / "old", None, progress=False)
+    assert torch.equal(remade.pool["coverage"], straight.pool["coverage"])
     first = ControlTrainer(replace(recipe), builtin_dir, tmp_path / "b", budget_s=0.0, progress=False)
     assert not first.run() and first.step == 1  # out of budget after one step, checkpointed
     resumed = ControlTrainer(recipe, builtin_dir, tmp_path / "b", None, progress=False)

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "controlnet_checkpoint.pt"
 POOL = "controlnet_pool.pt"
+POOL_KEYS = {"captions", "mean", "std", "edges", "coverage", "small"}
 CONTROL_CONFIG = "diffusiond_control.json"  # read by the server: what the control image is
 
 
@@ -154,7 +155,11 @@ class ControlTrainer:
         shape's coverage (uint8 [N, 1, 64, 64]) and whether it is small."""
         path = self.work_dir / POOL
         if path.is_file():
-            return torch.load(path, weights_only=False)
+            pool = torch.load(path, weights_only=False)
+            if POOL_KEYS <= pool.keys():
+                return pool
+            log.info("%s lacks %s (made by an earlier version); making it again", path,
+                     ", ".join(sorted(POOL_KEYS - pool.keys())))
         r = self.recipe
         seed = r.seed * 10 + 7
         captions, means, stds, edges = [], [], [], []
